@@ -1,0 +1,240 @@
+"""Model configuration: one frozen dataclass per model, a top-level ``ModelConfig`` and named presets.
+
+Values shared by several models (vocabulary, VQ latent width, context width, levels, patch_nums) live
+once, on ``ModelConfig``; the sub-configs hold only what is private to their model. The schedule is
+derived here once (``cfg.schedule``) and handed to everyone else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from mindhier_rt.errors import ConfigError
+from mindhier_rt.schedule import ATTN_MODES, PATCH_NUMS_256, PATCH_NUMS_512, AttnMode, Guidance, Schedule
+
+# nsdgeneral voxel counts of the eight NSD subjects (REFERENCE §2).
+NSD_SUBJECTS: tuple[tuple[str, int], ...] = (
+    ("subj01", 15724),
+    ("subj02", 14278),
+    ("subj03", 15226),
+    ("subj04", 13153),
+    ("subj05", 13039),
+    ("subj06", 17907),
+    ("subj07", 12682),
+    ("subj08", 14386),
+)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Hierarchical fMRI Encoder: per-subject input layer, shared voxel MLP, M cascaded decoder layers."""
+
+    subjects: tuple[tuple[str, int], ...]  # (subject id, voxel count); one input Linear each
+    mlp_dims: tuple[int, ...] = (4096, 2048)  # hidden widths after the subject layer
+    voxel_tokens: int = 100  # the MLP's output is reshaped to voxel_tokens x D
+    heads: int = 8
+    ffn_dim: int = 3072
+    text_tokens: int = 77  # the text branch predicts this many CLIP text tokens
+
+    def voxel_count(self, subject: str) -> int:
+        for name, n in self.subjects:
+            if name == subject:
+                return n
+        known = ", ".join(name for name, _ in self.subjects)
+        raise ConfigError(f"unknown subject {subject!r}; this model knows: {known}")
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Switti-style scale-wise autoregressive transformer."""
+
+    depth: int
+    width: int  # C
+    heads: int
+    attn_mode: AttnMode = "scale_local"
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden = int(C * mlp_ratio)
+    rope_theta: float = 10000.0
+    rope_grid: float = 128.0  # grid positions are scaled to 0..rope_grid on every scale
+    crop_cond: bool = False  # Switti's crop conditioning (orig_h, orig_w, crop_top, crop_left)
+    crop_freqs: int = 64  # Gaussian Fourier frequencies per crop scalar
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """VAR-compatible multi-scale VQ-VAE (ch160 v4096 z32 at full size)."""
+
+    ch: int = 160
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    norm_groups: int = 32
+    phi_ratio: float = 0.5  # Phi(h) = (1 - r) h + r conv(h)
+    beta: float = 0.25  # commitment weight
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """All three models of one MindHier setup plus the values they share."""
+
+    name: str
+    image_size: int
+    patch_nums: tuple[int, ...]
+    encoder: EncoderConfig
+    generator: GeneratorConfig
+    vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
+    n_levels: int = 4  # M
+    context_tokens: int = 257  # T
+    context_dim: int = 768  # D: encoder width = teacher (CLIP) width = cross-attention input width
+    vocab_size: int = 4096  # V
+    latent_dim: int = 32  # E (Cvae)
+    guidance: Guidance = "coarse_to_fine"
+    clip_layer_base: int = 8
+    clip_layer_stride: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "patch_nums", tuple(self.patch_nums))
+        self.schedule  # noqa: B018  (validates the schedule fields)
+        g = self.generator
+        if g.width % g.heads:
+            raise ConfigError(f"generator width {g.width} is not divisible by heads {g.heads}")
+        if g.head_dim % 4:
+            raise ConfigError(f"generator head dim {g.head_dim} must be divisible by 4 (2D RoPE pairs)")
+        if g.attn_mode not in ATTN_MODES:
+            raise ConfigError(f"attn_mode must be one of {ATTN_MODES}, got {g.attn_mode!r}")
+        if self.context_dim % self.encoder.heads:
+            raise ConfigError(f"context_dim {self.context_dim} is not divisible by encoder heads {self.encoder.heads}")
+        expected = self.patch_nums[-1] * self.vqvae.downsample
+        if self.image_size != expected:
+            raise ConfigError(
+                f"image_size {self.image_size} != last patch_num {self.patch_nums[-1]} x VQ downsampling "
+                f"{self.vqvae.downsample} = {expected}"
+            )
+        if not self.encoder.subjects:
+            raise ConfigError("the encoder needs at least one subject")
+
+    @cached_property
+    def schedule(self) -> Schedule:
+        return Schedule(
+            patch_nums=self.patch_nums,
+            n_levels=self.n_levels,
+            context_tokens=self.context_tokens,
+            guidance=self.guidance,
+            clip_layer_base=self.clip_layer_base,
+            clip_layer_stride=self.clip_layer_stride,
+        )
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with top-level fields or, by their names, generator fields changed (e.g. attn_mode)."""
+        gen_fields = {f.name for f in dataclasses.fields(GeneratorConfig)}
+        gen_changes = {k: changes.pop(k) for k in list(changes) if k in gen_fields}
+        if gen_changes:
+            changes["generator"] = dataclasses.replace(self.generator, **gen_changes)
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["encoder"]["subjects"] = [list(s) for s in self.encoder.subjects]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        try:
+            d = dict(d)
+            enc = dict(d.pop("encoder"))
+            enc["subjects"] = tuple((str(n), int(v)) for n, v in enc["subjects"])
+            enc["mlp_dims"] = tuple(enc["mlp_dims"])
+            vq = dict(d.pop("vqvae"))
+            vq["ch_mult"] = tuple(vq["ch_mult"])
+            return cls(
+                encoder=EncoderConfig(**enc),
+                generator=GeneratorConfig(**d.pop("generator")),
+                vqvae=VQVAEConfig(**vq),
+                **{**d, "patch_nums": tuple(d["patch_nums"])},
+            )
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"malformed model config: {e}") from e
+
+
+def _tiny() -> ModelConfig:
+    """Seconds on a CPU: for unit tests."""
+    return ModelConfig(
+        name="tiny",
+        image_size=64,
+        patch_nums=(1, 2, 3, 4),
+        n_levels=2,
+        context_tokens=5,
+        context_dim=32,
+        vocab_size=64,
+        latent_dim=8,
+        encoder=EncoderConfig(
+            subjects=(("subj01", 96), ("subj02", 80)), mlp_dims=(64,), voxel_tokens=4, heads=2, ffn_dim=64, text_tokens=3
+        ),
+        generator=GeneratorConfig(depth=2, width=64, heads=2, crop_cond=True, crop_freqs=4),
+        vqvae=VQVAEConfig(ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, norm_groups=8),
+    )
+
+
+def _small() -> ModelConfig:
+    """CPU benchmarks and the demo's upper end: a few million parameters, 128 px."""
+    return ModelConfig(
+        name="small",
+        image_size=128,
+        patch_nums=(1, 2, 3, 4, 5, 6, 8),
+        n_levels=4,
+        context_tokens=17,
+        context_dim=128,
+        vocab_size=512,
+        latent_dim=16,
+        encoder=EncoderConfig(
+            subjects=(("subj01", 2000), ("subj02", 1800)),
+            mlp_dims=(512, 256),
+            voxel_tokens=16,
+            heads=4,
+            ffn_dim=512,
+            text_tokens=8,
+        ),
+        generator=GeneratorConfig(depth=6, width=256, heads=4),
+        vqvae=VQVAEConfig(ch=32, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, norm_groups=8),
+    )
+
+
+def _mindhier(name: str, image_size: int, patch_nums: tuple[int, ...], depth: int, width: int) -> ModelConfig:
+    """Reference sizes: CLIP ViT-L/14 levels (4 x 257 x 768), VAR's VQ-VAE, Switti-style generator."""
+    return ModelConfig(
+        name=name,
+        image_size=image_size,
+        patch_nums=patch_nums,
+        encoder=EncoderConfig(subjects=NSD_SUBJECTS),
+        generator=GeneratorConfig(depth=depth, width=width, heads=width // 64, crop_cond=True),
+    )
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "small": _small,
+    "mindhier-256": lambda: _mindhier("mindhier-256", 256, PATCH_NUMS_256, depth=16, width=1024),
+    "mindhier-512": lambda: _mindhier("mindhier-512", 512, PATCH_NUMS_512, depth=30, width=1920),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """The named preset's config. Raises ConfigError listing the known names."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None

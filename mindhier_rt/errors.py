@@ -1,0 +1,31 @@
+"""The one family of user-facing errors.
+
+Every message says what was expected and what was found, so the CLI can print it on one line
+without a traceback. Internal invariants use ``assert``; anything a user can cause raises one of these.
+"""
+
+from __future__ import annotations
+
+
+class MindhierError(Exception):
+    """Base class: a problem with the user's inputs, files or environment."""
+
+
+class ConfigError(MindhierError):
+    """Unknown preset, inconsistent config values."""
+
+
+class ScheduleError(ConfigError):
+    """patch_nums / level counts that do not make a valid scale schedule."""
+
+
+class CheckpointError(MindhierError):
+    """Missing, corrupt or mismatching checkpoint files."""
+
+
+class InputError(MindhierError):
+    """Bad voxel data: wrong shape, wrong voxel count, NaN/inf values, unknown subject."""
+
+
+class BackendError(MindhierError):
+    """A backend that is missing, misconfigured or asked for something it cannot do."""

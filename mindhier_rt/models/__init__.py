@@ -1,0 +1,1 @@
+"""The three PyTorch models of MindHier: encoder, generator, VQ-VAE."""

@@ -1,0 +1,1 @@
+"""Backends that implement the decode contract (torch here; onnxruntime and tensorrt later)."""

@@ -1,0 +1,204 @@
+"""The scale schedule: the one place that knows the patch_nums arithmetic.
+
+Everything derived from ``patch_nums`` (the side of each scale's token grid), the number of encoder
+levels M and the tokens per level lives here: token counts, offsets, cached lengths, the scale ->
+context-segment map (coarse-to-fine or fine-to-coarse guidance), the CLIP layer map g_m, the attention
+masks of both attention modes, the cross-attention mask and the Phi index of each scale. Models,
+exporters, kernels, runtimes and the manifest read it; none re-derives it.
+
+Indexing: scales are 0-indexed here (``i`` in 0..K-1). The paper's 1-indexed scale k = i + 1 attends to
+level h_k = M - floor(M (k-1) / K); in the deep-first context [e_M, ..., e_1] that level is segment
+``floor(i * M / K)``.
+
+Axis letters used in this package: B batch, L all tokens of the pyramid, l tokens of one scale,
+C generator width, D encoder/context width, T tokens per context level, S context tokens (M * T),
+H heads, V vocabulary, E VQ latent channels (Cvae), h/w spatial grid sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import torch
+
+from mindhier_rt.errors import ScheduleError
+
+Guidance = Literal["coarse_to_fine", "fine_to_coarse"]
+AttnMode = Literal["scale_local", "block_causal"]
+GUIDANCE_MODES: tuple[str, ...] = ("coarse_to_fine", "fine_to_coarse")
+ATTN_MODES: tuple[str, ...] = ("scale_local", "block_causal")
+
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Scale schedule of one model. Construct once from the config and pass it around."""
+
+    patch_nums: tuple[int, ...]
+    n_levels: int  # M, encoder levels e_1..e_M
+    context_tokens: int  # T, tokens per level (257 for CLIP ViT-L/14)
+    guidance: Guidance = "coarse_to_fine"
+    clip_layer_base: int = 8  # g_m = base + stride * m  (paper: 8 + 4m -> 12, 16, 20, 24)
+    clip_layer_stride: int = 4
+    phi_count: int = 4  # shared Phi convolutions of the VQ-VAE
+
+    def __post_init__(self) -> None:
+        pn = tuple(int(p) for p in self.patch_nums)
+        object.__setattr__(self, "patch_nums", pn)
+        if len(pn) < 2:
+            raise ScheduleError(f"patch_nums needs at least 2 scales, got {pn}")
+        if pn[0] != 1:
+            raise ScheduleError(f"patch_nums must start at 1 (the start token), got {pn}")
+        if any(b <= a for a, b in zip(pn, pn[1:])):
+            raise ScheduleError(f"patch_nums must be strictly increasing, got {pn}")
+        if not 1 <= self.n_levels <= len(pn):
+            raise ScheduleError(
+                f"n_levels must be in 1..{len(pn)} (one level per group of scales), got {self.n_levels}"
+            )
+        if self.context_tokens < 1:
+            raise ScheduleError(f"context_tokens must be >= 1, got {self.context_tokens}")
+        if self.guidance not in GUIDANCE_MODES:
+            raise ScheduleError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
+        if self.phi_count < 1:
+            raise ScheduleError(f"phi_count must be >= 1, got {self.phi_count}")
+
+    # ---- token layout -------------------------------------------------------------------------
+    @property
+    def n_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @cached_property
+    def token_counts(self) -> tuple[int, ...]:
+        """n_i = pn_i ** 2 tokens at scale i."""
+        return tuple(p * p for p in self.patch_nums)
+
+    @cached_property
+    def offsets(self) -> tuple[int, ...]:
+        """Start of each scale in the flattened pyramid, plus the total at the end (length K + 1)."""
+        out = [0]
+        for n in self.token_counts:
+            out.append(out[-1] + n)
+        return tuple(out)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def cached_lengths(self) -> tuple[int, ...]:
+        """Self-attention cache length before scale i in block-causal mode (= its offset)."""
+        return self.offsets[:-1]
+
+    @property
+    def last_side(self) -> int:
+        """Side of the finest token grid = side of the VQ latent."""
+        return self.patch_nums[-1]
+
+    def scale_slice(self, i: int) -> slice:
+        return slice(self.offsets[i], self.offsets[i + 1])
+
+    @cached_property
+    def scale_of_token(self) -> tuple[int, ...]:
+        """Scale index of every position of the flattened pyramid (length L)."""
+        return tuple(i for i, n in enumerate(self.token_counts) for _ in range(n))
+
+    # ---- guidance: scale -> context segment -----------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """S = M * T tokens in the deep-first context [e_M, ..., e_1]."""
+        return self.n_levels * self.context_tokens
+
+    @cached_property
+    def segment_of_scale(self) -> tuple[int, ...]:
+        """Index of the deep-first context segment that scale i cross-attends to."""
+        k, m = self.n_scales, self.n_levels
+        c2f = tuple(i * m // k for i in range(k))
+        if self.guidance == "coarse_to_fine":
+            return c2f
+        return tuple(m - 1 - s for s in c2f)
+
+    @cached_property
+    def level_of_scale(self) -> tuple[int, ...]:
+        """1-indexed encoder level (e_1 shallow .. e_M deep) that scale i reads: h_k of the paper."""
+        return tuple(self.n_levels - s for s in self.segment_of_scale)
+
+    def context_slice(self, i: int) -> slice:
+        """Token range of scale i's segment inside the deep-first context."""
+        s = self.segment_of_scale[i]
+        return slice(s * self.context_tokens, (s + 1) * self.context_tokens)
+
+    @cached_property
+    def clip_layers(self) -> tuple[int, ...]:
+        """CLIP layer g_m aligned to encoder level e_m, m = 1..M."""
+        return tuple(self.clip_layer_base + self.clip_layer_stride * m for m in range(1, self.n_levels + 1))
+
+    # ---- VQ-VAE Phi index -----------------------------------------------------------------------
+    @cached_property
+    def phi_ticks(self) -> tuple[float, ...]:
+        """Positions in [0, 1] of the shared Phi convs: evenly spaced from 1/(3P) to 1 - 1/(3P).
+
+        Computed as start + j * step with the last tick set to the end point exactly, so that the
+        ties of the nearest-tick rule (e.g. scale 2 of 10 lies exactly between ticks 0 and 1) resolve
+        the way the VAR reference does.
+        """
+        p = self.phi_count
+        start, stop = 1 / 3 / p, 1 - 1 / 3 / p
+        if p == 1:
+            return (start,)
+        step = (stop - start) / (p - 1)
+        ticks = [j * step + start for j in range(p)]
+        ticks[-1] = stop
+        return tuple(ticks)
+
+    @cached_property
+    def phi_index(self) -> tuple[int, ...]:
+        """Which shared Phi conv scale i uses: the tick nearest i / (K - 1) (first on exact ties)."""
+        k = self.n_scales
+        out = []
+        for i in range(k):
+            at = i / (k - 1)
+            dists = [abs(t - at) for t in self.phi_ticks]
+            out.append(dists.index(min(dists)))
+        return tuple(out)
+
+    # ---- masks (True = may attend) --------------------------------------------------------------
+    def self_attn_mask(self, mode: AttnMode, device: torch.device | str | None = None) -> torch.Tensor:
+        """Bool [L, L] mask of the teacher-forced self-attention.
+
+        scale_local: a token sees only tokens of its own scale. block_causal: its own and all earlier scales.
+        """
+        if mode not in ATTN_MODES:
+            raise ScheduleError(f"attention mode must be one of {ATTN_MODES}, got {mode!r}")
+        scale_L = torch.tensor(self.scale_of_token, device=device)
+        q, kv = scale_L[:, None], scale_L[None, :]
+        return kv == q if mode == "scale_local" else kv <= q
+
+    def cross_attn_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """Bool [L, S] mask: each token sees only the context segment of its scale."""
+        seg_L = torch.tensor(self.segment_of_scale, device=device)[torch.tensor(self.scale_of_token, device=device)]
+        seg_S = torch.arange(self.context_length, device=device) // self.context_tokens
+        return seg_L[:, None] == seg_S[None, :]
+
+    # ---- summary -------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Everything a host needs to run the loop; written into `info` output and bundle manifests."""
+        return {
+            "patch_nums": list(self.patch_nums),
+            "n_scales": self.n_scales,
+            "n_levels": self.n_levels,
+            "context_tokens": self.context_tokens,
+            "context_length": self.context_length,
+            "guidance": self.guidance,
+            "token_counts": list(self.token_counts),
+            "offsets": list(self.offsets),
+            "total_tokens": self.total_tokens,
+            "cached_lengths": list(self.cached_lengths),
+            "segment_of_scale": list(self.segment_of_scale),
+            "level_of_scale": list(self.level_of_scale),
+            "clip_layers": list(self.clip_layers),
+            "phi_index": list(self.phi_index),
+        }
