@@ -182,7 +182,12 @@ def _tiny() -> ModelConfig:
         vocab_size=64,
         latent_dim=8,
         encoder=EncoderConfig(
-            subjects=(("subj01", 96), ("subj02", 80)), mlp_dims=(64,), voxel_tokens=4, heads=2, ffn_dim=64, text_tokens=3
+            subjects=(("subj01", 96), ("subj02", 80)),
+            mlp_dims=(64,),
+            voxel_tokens=4,
+            heads=2,
+            ffn_dim=64,
+            text_tokens=3,
         ),
         generator=GeneratorConfig(depth=2, width=64, heads=2, crop_cond=True, crop_freqs=4),
         vqvae=VQVAEConfig(ch=16, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=1, norm_groups=8),

@@ -17,6 +17,7 @@ H heads, V vocabulary, E VQ latent channels (Cvae), h/w spatial grid sides.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
@@ -53,7 +54,7 @@ class Schedule:
             raise ScheduleError(f"patch_nums needs at least 2 scales, got {pn}")
         if pn[0] != 1:
             raise ScheduleError(f"patch_nums must start at 1 (the start token), got {pn}")
-        if any(b <= a for a, b in zip(pn, pn[1:])):
+        if any(b <= a for a, b in itertools.pairwise(pn)):
             raise ScheduleError(f"patch_nums must be strictly increasing, got {pn}")
         if not 1 <= self.n_levels <= len(pn):
             raise ScheduleError(

@@ -1,1 +1,1 @@
-"""Training: VQ-VAE, stage 1 (hierarchical encoder) and stage 2 (generator); losses and teachers (imported as mindhier_rt.train)."""
+"""Training: VQ-VAE, stage 1 (encoder), stage 2 (generator), losses, teachers. Imported as mindhier_rt.train."""

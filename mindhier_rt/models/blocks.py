@@ -1,0 +1,235 @@
+"""Transformer pieces of the Switti-style scale-wise generator.
+
+Axis legend: B batch, l tokens of the current scale(s), L tokens of the whole pyramid, C width,
+H heads, c head dim, S context tokens, D context width, P rotary pairs per head (c / 2).
+
+Attention is written on ``F.scaled_dot_product_attention`` with boolean masks (True = may attend) so the
+same code serves the teacher-forced pass (full pyramid, schedule masks) and the per-scale decode step
+(one scale, a context segment and, in block-causal mode, a self-attention K/V cache).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mindhier_rt.schedule import Schedule
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain, computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def layer_norm_no_affine(x: Tensor, eps: float) -> Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+# ---- 2D axial rotary embedding, real arithmetic ---------------------------------------------------
+def rope_angles(schedule: Schedule, head_dim: int, theta: float, grid: float) -> Tensor:
+    """Rotation angle of every (token, pair) of the pyramid: float64 [L, head_dim // 2].
+
+    The first half of the pairs rotates with the row position, the second half with the column
+    position. Positions of a pn x pn grid are spread over 0..grid (coefficient grid / (pn - 1); a
+    1 x 1 grid sits at 0). Pair j of an axis with d = head_dim / 2 dims turns at theta^(-2j/d).
+    """
+    axis_dim = head_dim // 2
+    inv_freq_P = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
+    per_scale = []
+    for pn in schedule.patch_nums:
+        coord = torch.arange(pn, dtype=torch.float64) * (grid / max(pn - 1, 1))
+        rows, cols = torch.meshgrid(coord, coord, indexing="ij")
+        per_scale.append(torch.cat([rows.reshape(-1, 1) * inv_freq_P, cols.reshape(-1, 1) * inv_freq_P], dim=-1))
+    return torch.cat(per_scale, dim=0)
+
+
+def apply_rope(x_BHlc: Tensor, cos_lP: Tensor, sin_lP: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of the head dim by the given angles."""
+    x_pairs = x_BHlc.unflatten(-1, (-1, 2))
+    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
+    out = torch.stack((x0 * cos_lP - x1 * sin_lP, x0 * sin_lP + x1 * cos_lP), dim=-1)
+    return out.flatten(-2).type_as(x_BHlc)
+
+
+class SelfKVCache:
+    """Preallocated self-attention K/V of one layer for block-causal decoding, written at offsets."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, device, dtype) -> None:
+        self.k_BHLc = torch.zeros(batch, heads, length, head_dim, device=device, dtype=dtype)
+        self.v_BHLc = torch.zeros_like(self.k_BHLc)
+
+    def update(self, offset: int, k_BHlc: Tensor, v_BHlc: Tensor) -> tuple[Tensor, Tensor]:
+        """Write this scale's K/V at ``offset``; return everything cached up to and including it."""
+        end = offset + k_BHlc.shape[2]
+        self.k_BHLc[:, :, offset:end] = k_BHlc
+        self.v_BHLc[:, :, offset:end] = v_BHlc
+        return self.k_BHLc[:, :, :end], self.v_BHLc[:, :, :end]
+
+    def select(self, rows: Tensor | slice) -> None:
+        """Keep only some batch rows (classifier-free guidance switched off)."""
+        self.k_BHLc = self.k_BHLc[rows]
+        self.v_BHLc = self.v_BHLc[rows]
+
+
+class SelfAttention(nn.Module):
+    """Biased fused qkv, non-affine LayerNorm on q and k over the full width, 2D RoPE, softmax scale 1/sqrt(c)."""
+
+    def __init__(self, width: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.eps = heads, width // heads, eps
+        self.to_qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(
+        self,
+        x_BlC: Tensor,
+        cos_lP: Tensor,
+        sin_lP: Tensor,
+        mask_ll: Tensor | None = None,
+        cache: SelfKVCache | None = None,
+        offset: int = 0,
+    ) -> Tensor:
+        B, l, C = x_BlC.shape
+        q_BlC, k_BlC, v_BlC = self.to_qkv(x_BlC).chunk(3, dim=-1)
+        q_BlC, k_BlC = layer_norm_no_affine(q_BlC, self.eps), layer_norm_no_affine(k_BlC, self.eps)
+        q, k, v = (t.view(B, l, self.heads, self.head_dim).transpose(1, 2) for t in (q_BlC, k_BlC, v_BlC))
+        q, k = apply_rope(q, cos_lP, sin_lP), apply_rope(k, cos_lP, sin_lP)
+        if cache is not None:
+            k, v = cache.update(offset, k, v)
+        o_BHlc = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_ll, scale=1 / math.sqrt(self.head_dim))
+        return self.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
+
+
+class CrossAttention(nn.Module):
+    """Query from the image tokens, K/V from the (normalised) encoder context; qk non-affine LayerNorm, no RoPE."""
+
+    def __init__(self, width: int, context_dim: int, heads: int, eps: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.eps = heads, width // heads, eps
+        self.to_q = nn.Linear(width, width)
+        self.to_kv = nn.Linear(context_dim, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def context_kv(self, y_BSD: Tensor) -> tuple[Tensor, Tensor]:
+        """K/V of the context, [B, H, S, c] each: computed once per scan, reused at every scale."""
+        B, S, _ = y_BSD.shape
+        k_BSC, v_BSC = self.to_kv(y_BSD).chunk(2, dim=-1)
+        k_BSC = layer_norm_no_affine(k_BSC, self.eps)
+        return tuple(t.view(B, S, self.heads, self.head_dim).transpose(1, 2) for t in (k_BSC, v_BSC))
+
+    def forward(self, x_BlC: Tensor, k_BHSc: Tensor, v_BHSc: Tensor, mask_lS: Tensor | None = None) -> Tensor:
+        B, l, C = x_BlC.shape
+        q = layer_norm_no_affine(self.to_q(x_BlC), self.eps).view(B, l, self.heads, self.head_dim).transpose(1, 2)
+        o_BHlc = F.scaled_dot_product_attention(
+            q, k_BHSc, v_BHSc, attn_mask=mask_lS, scale=1 / math.sqrt(self.head_dim)
+        )
+        return self.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(width, hidden, bias=False)
+        self.gate_proj = nn.Linear(width, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, width, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SwittiBlock(nn.Module):
+    """AdaLN self-attention, plain cross-attention and AdaLN SwiGLU, each with sandwich RMSNorms.
+
+    x += RMSNorm2(SelfAttn(RMSNorm1(x) * (1 + scale1) + shift1)) * gamma1
+    x += RMSNorm2(CrossAttn(RMSNorm1(x), RMSNorm_y(context)))
+    x += RMSNorm2(FFN(RMSNorm1(x) * (1 + scale2) + shift2)) * gamma2
+    The six AdaLN vectors depend only on the condition, so decoding computes them once per scan.
+    """
+
+    def __init__(self, width: int, heads: int, context_dim: int, ffn_dim: int, eps: float, crop_cond: bool) -> None:
+        super().__init__()
+        self.width = width
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.attn = SelfAttention(width, heads, eps)
+        self.cross_attn = CrossAttention(width, context_dim, heads, eps)
+        self.ffn = SwiGLU(width, ffn_dim)
+        self.self_attention_norm1 = RMSNorm(width, eps)
+        self.self_attention_norm2 = RMSNorm(width, eps)
+        self.cross_attention_norm1 = RMSNorm(width, eps)
+        self.cross_attention_norm2 = RMSNorm(width, eps)
+        self.ffn_norm1 = RMSNorm(width, eps)
+        self.ffn_norm2 = RMSNorm(width, eps)
+        self.attention_y_norm = RMSNorm(context_dim, eps)
+        # Per-block gain of the crop embedding added to the AdaLN condition (starts at 0: no effect).
+        self.crop_cond_scales = nn.Parameter(torch.zeros(width)) if crop_cond else None
+
+    def modulation(self, cond_BC: Tensor, crop_BC: Tensor | None) -> Tensor:
+        """AdaLN vectors [B, 6, C]: gamma1, gamma2, scale1, scale2, shift1, shift2."""
+        if self.crop_cond_scales is not None and crop_BC is not None:
+            cond_BC = cond_BC + self.crop_cond_scales * crop_BC
+        return self.ada_lin(cond_BC).view(-1, 6, self.width)
+
+    def context_kv(self, context_BSD: Tensor) -> tuple[Tensor, Tensor]:
+        return self.cross_attn.context_kv(self.attention_y_norm(context_BSD))
+
+    def forward(
+        self,
+        x_BlC: Tensor,
+        ada_B6C: Tensor,
+        cos_lP: Tensor,
+        sin_lP: Tensor,
+        ctx_k_BHSc: Tensor,
+        ctx_v_BHSc: Tensor,
+        self_mask: Tensor | None = None,
+        cross_mask: Tensor | None = None,
+        cache: SelfKVCache | None = None,
+        offset: int = 0,
+    ) -> Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B6C.unsqueeze(2).unbind(1)  # each [B, 1, C]
+        h = self.self_attention_norm1(x_BlC) * (1 + scale1) + shift1
+        x_BlC = x_BlC + self.self_attention_norm2(self.attn(h, cos_lP, sin_lP, self_mask, cache, offset)) * gamma1
+        h = self.cross_attn(self.cross_attention_norm1(x_BlC), ctx_k_BHSc, ctx_v_BHSc, cross_mask)
+        x_BlC = x_BlC + self.cross_attention_norm2(h)
+        h = self.ffn_norm1(x_BlC) * (1 + scale2) + shift2
+        return x_BlC + self.ffn_norm2(self.ffn(h)) * gamma2
+
+
+class AdaLNBeforeHead(nn.Module):
+    """Non-affine LayerNorm modulated by the condition: LN(x) * (1 + scale) + shift."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.width, self.eps = width, eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def modulation(self, cond_BC: Tensor) -> Tensor:
+        """[B, 2, C]: scale, shift."""
+        return self.ada_lin(cond_BC).view(-1, 2, self.width)
+
+    def forward(self, x_BlC: Tensor, ada_B2C: Tensor) -> Tensor:
+        scale, shift = ada_B2C.unsqueeze(2).unbind(1)
+        return layer_norm_no_affine(x_BlC, self.eps) * (1 + scale) + shift
+
+
+class GaussianFourierFeatures(nn.Module):
+    """sin/cos of 2*pi*w*x for fixed Gaussian frequencies w (stored so checkpoints carry them)."""
+
+    def __init__(self, n_freqs: int, std: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_freqs) * std, requires_grad=False)
+
+    def forward(self, x_BN: Tensor) -> Tensor:
+        angles = 2 * math.pi * x_BN.unsqueeze(-1) * self.weight  # [B, N, F]
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # [B, N * 2F]

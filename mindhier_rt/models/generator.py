@@ -1,0 +1,181 @@
+"""Scale-wise autoregressive generator (VAR / Switti family) with scale-masked cross-attention.
+
+Two ways through the same weights, which must agree:
+- ``forward``: teacher-forced over the whole token pyramid at once with the schedule's masks (training).
+- ``prepare`` + ``step``: decoding one scale at a time. Everything that depends only on the scan
+  (the condition, the AdaLN vectors of every block and of the head, the cross-attention K/V of every
+  layer) is computed once in ``prepare``; in block-causal mode a preallocated self-attention K/V cache
+  is written at each scale's offset.
+
+Attention modes (``cfg.generator.attn_mode``): ``scale_local`` (a token sees its own scale only; what
+MindHier uses) and ``block_causal`` (its own and all earlier scales; VAR / Switti-AR).
+Guidance: scale i cross-attends only to segment ``schedule.segment_of_scale[i]`` of the deep-first
+context [e_M, ..., e_1]; the start token and the AdaLN condition come from the pooled terminal feature.
+
+Axis legend: B batch, L pyramid tokens, l tokens of one scale, C width, D context width, S context
+tokens, E VQ latent channels, V vocabulary, H heads, c head dim, P rotary pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mindhier_rt.config import ModelConfig
+from mindhier_rt.models.blocks import (
+    AdaLNBeforeHead,
+    GaussianFourierFeatures,
+    SelfKVCache,
+    SwittiBlock,
+    rope_angles,
+)
+
+CROP_FIELDS = 4  # (orig_h, orig_w, crop_top, crop_left), in units of the image size
+
+
+@dataclass
+class ScanState:
+    """Per-scan decode state: computed once by ``prepare``, read by every ``step``."""
+
+    start_B1C: Tensor
+    ada_blocks: list[Tensor]  # per block [B, 6, C]
+    ada_head_B2C: Tensor
+    ctx_kv: list[tuple[Tensor, Tensor]]  # per block (k, v) [B, H, S, c]
+    self_kv: list[SelfKVCache] | None  # block-causal mode only
+
+    def select(self, rows: Tensor | slice) -> None:
+        """Keep only some batch rows, e.g. the conditional half once guidance is switched off."""
+        self.start_B1C = self.start_B1C[rows]
+        self.ada_blocks = [a[rows] for a in self.ada_blocks]
+        self.ada_head_B2C = self.ada_head_B2C[rows]
+        self.ctx_kv = [(k[rows], v[rows]) for k, v in self.ctx_kv]
+        if self.self_kv is not None:
+            for cache in self.self_kv:
+                cache.select(rows)
+
+
+class ScaleGenerator(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        g, sched = cfg.generator, cfg.schedule
+        self.cfg, self.schedule = cfg, sched
+        C = self.width = g.width
+        self.fmri_pooler = nn.Linear(cfg.context_dim, C)  # pooled terminal feature -> condition
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        self.word_embed = nn.Linear(cfg.latent_dim, C)
+        self.lvl_embed = nn.Embedding(sched.n_scales, C)
+        if g.crop_cond:
+            self.crop_embed = GaussianFourierFeatures(g.crop_freqs)
+            self.crop_proj = nn.Linear(CROP_FIELDS * 2 * g.crop_freqs, C)
+        self.blocks = nn.ModuleList(
+            SwittiBlock(C, g.heads, cfg.context_dim, g.ffn_dim, g.norm_eps, g.crop_cond) for _ in range(g.depth)
+        )
+        self.head_nm = AdaLNBeforeHead(C, g.norm_eps)
+        self.head = nn.Linear(C, cfg.vocab_size)
+
+        # Derived from the schedule, never stored in checkpoints.
+        angles_LP = rope_angles(sched, g.head_dim, g.rope_theta, g.rope_grid)
+        self.register_buffer("rope_cos_LP", angles_LP.cos().float(), persistent=False)
+        self.register_buffer("rope_sin_LP", angles_LP.sin().float(), persistent=False)
+        self.register_buffer("lvl_L", torch.tensor(sched.scale_of_token), persistent=False)
+        self.register_buffer("self_mask_LL", sched.self_attn_mask(g.attn_mode), persistent=False)
+        self.register_buffer("cross_mask_LS", sched.cross_attn_mask(), persistent=False)
+        self.reset_parameters()
+
+    # ---- init -----------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        depth = len(self.blocks)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos_start, std=0.02)
+        C = self.width
+        for block in self.blocks:
+            # gamma1, gamma2 start at 1/sqrt(2 depth): every residual branch contributes from the first step.
+            with torch.no_grad():
+                block.ada_lin[1].bias[: 2 * C].fill_(1 / (2 * depth) ** 0.5)
+
+    # ---- condition ------------------------------------------------------------------------------
+    def condition(self, pooled_BD: Tensor) -> Tensor:
+        return self.fmri_pooler(pooled_BD)
+
+    def crop_vector(self, crop_B4: Tensor | None, batch: int, device, dtype) -> Tensor | None:
+        """Embedded crop condition [B, C]; defaults to the full, uncropped image (1, 1, 0, 0)."""
+        if not self.cfg.generator.crop_cond:
+            return None
+        if crop_B4 is None:
+            crop_B4 = torch.tensor([[1.0, 1.0, 0.0, 0.0]], device=device, dtype=dtype).expand(batch, -1)
+        return self.crop_proj(self.crop_embed(crop_B4.to(dtype)))
+
+    def _modulations(self, cond_BC: Tensor, crop_BC: Tensor | None) -> tuple[list[Tensor], Tensor]:
+        return [b.modulation(cond_BC, crop_BC) for b in self.blocks], self.head_nm.modulation(cond_BC)
+
+    def _logits(self, x_BlC: Tensor, ada_head_B2C: Tensor) -> Tensor:
+        return self.head(self.head_nm(x_BlC, ada_head_B2C)).float()
+
+    # ---- teacher-forced pass (training) ---------------------------------------------------------
+    def forward(self, pooled_BD: Tensor, context_BSD: Tensor, x_BLE: Tensor, crop_B4: Tensor | None = None) -> Tensor:
+        """Logits [B, L, V] of every scale given the teacher inputs of scales 1..K-1 ([B, L-1, E])."""
+        B = pooled_BD.shape[0]
+        L = self.schedule.total_tokens
+        assert x_BLE.shape[:2] == (B, L - 1), f"teacher inputs {tuple(x_BLE.shape)} != ({B}, {L - 1}, E)"
+        cond_BC = self.condition(pooled_BD)
+        crop_BC = self.crop_vector(crop_B4, B, pooled_BD.device, cond_BC.dtype)
+        ada_blocks, ada_head = self._modulations(cond_BC, crop_BC)
+        start_B1C = cond_BC.unsqueeze(1) + self.pos_start
+        x_BLC = torch.cat([start_B1C, self.word_embed(x_BLE)], dim=1) + self.lvl_embed(self.lvl_L)
+        for block, ada in zip(self.blocks, ada_blocks, strict=True):
+            k, v = block.context_kv(context_BSD)
+            x_BLC = block(
+                x_BLC, ada, self.rope_cos_LP, self.rope_sin_LP, k, v,
+                self_mask=self.self_mask_LL, cross_mask=self.cross_mask_LS,
+            )  # fmt: skip
+        return self._logits(x_BLC, ada_head)
+
+    # ---- incremental decoding -------------------------------------------------------------------
+    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor, crop_B4: Tensor | None = None) -> ScanState:
+        """The context step: everything that depends only on the scan, computed once."""
+        B = pooled_BD.shape[0]
+        cond_BC = self.condition(pooled_BD)
+        crop_BC = self.crop_vector(crop_B4, B, pooled_BD.device, cond_BC.dtype)
+        ada_blocks, ada_head = self._modulations(cond_BC, crop_BC)
+        self_kv = None
+        if self.cfg.generator.attn_mode == "block_causal":
+            g = self.cfg.generator
+            self_kv = [
+                SelfKVCache(B, g.heads, self.schedule.total_tokens, g.head_dim, cond_BC.device, cond_BC.dtype)
+                for _ in self.blocks
+            ]
+        return ScanState(
+            start_B1C=cond_BC.unsqueeze(1) + self.pos_start,
+            ada_blocks=ada_blocks,
+            ada_head_B2C=ada_head,
+            ctx_kv=[block.context_kv(context_BSD) for block in self.blocks],
+            self_kv=self_kv,
+        )
+
+    def step(self, i: int, state: ScanState, x_BlE: Tensor | None = None) -> Tensor:
+        """Logits [B, n_i, V] of scale i. ``x_BlE`` is the next-scale input from the VQ-VAE (None at i = 0)."""
+        sched = self.schedule
+        tokens = sched.scale_slice(i)
+        if i == 0:
+            x_BlC = state.start_B1C
+        else:
+            assert x_BlE is not None and x_BlE.shape[1] == sched.token_counts[i]
+            x_BlC = self.word_embed(x_BlE)
+        x_BlC = x_BlC + self.lvl_embed.weight[i]
+        cos_lP, sin_lP = self.rope_cos_LP[tokens], self.rope_sin_LP[tokens]
+        ctx = sched.context_slice(i)
+        for j, block in enumerate(self.blocks):
+            k, v = state.ctx_kv[j]
+            x_BlC = block(
+                x_BlC, state.ada_blocks[j], cos_lP, sin_lP, k[:, :, ctx], v[:, :, ctx],
+                cache=None if state.self_kv is None else state.self_kv[j], offset=sched.offsets[i],
+            )  # fmt: skip
+        return self._logits(x_BlC, state.ada_head_B2C)

@@ -1,0 +1,68 @@
+"""The three models of one MindHier setup, built from one config and saved/loaded as one checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mindhier_rt.checkpoint import load_part, read_checkpoint, save_checkpoint
+from mindhier_rt.config import ModelConfig
+from mindhier_rt.errors import CheckpointError
+from mindhier_rt.models.encoder import HierarchicalEncoder
+from mindhier_rt.models.generator import ScaleGenerator
+from mindhier_rt.models.vqvae import MultiScaleVQVAE
+
+PARTS = ("encoder", "generator", "vqvae")
+
+
+@dataclass
+class MindHier:
+    cfg: ModelConfig
+    encoder: HierarchicalEncoder
+    generator: ScaleGenerator
+    vqvae: MultiScaleVQVAE
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, device: torch.device | str = "cpu", seed: int | None = None) -> MindHier:
+        """Randomly initialised models (``seed`` makes the weights reproducible)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        with torch.device(device):
+            return cls(cfg, HierarchicalEncoder(cfg), ScaleGenerator(cfg), MultiScaleVQVAE(cfg))
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", parts: tuple[str, ...] = PARTS) -> MindHier:
+        """Load a checkpoint that holds (at least) ``parts``; every tensor is checked by name and shape."""
+        ckpt = read_checkpoint(path)
+        missing = [p for p in parts if p not in ckpt.parts]
+        if missing:
+            raise CheckpointError(
+                f"{path}: checkpoint lacks {', '.join(missing)} (it holds {', '.join(ckpt.parts) or 'nothing'})"
+            )
+        models = cls.from_config(ckpt.cfg, device=device)
+        for name in parts:
+            load_part(getattr(models, name), ckpt, name)
+        return models.eval()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {name: getattr(self, name) for name in PARTS}
+
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        save_checkpoint(path, self.cfg, self.modules(), extra=extra)
+
+    def eval(self) -> MindHier:
+        for m in self.modules().values():
+            m.eval()
+        return self
+
+    def param_counts(self, subject: str | None = None) -> dict[str, int]:
+        """Parameters per model; the encoder counts the shared part plus one subject's input layer."""
+        subject = subject or self.cfg.encoder.subjects[0][0]
+        return {
+            "encoder": self.encoder.param_count(subject),
+            "generator": sum(p.numel() for p in self.generator.parameters()),
+            "vqvae": sum(p.numel() for p in self.vqvae.parameters()),
+        }

@@ -1,0 +1,50 @@
+"""The decode contract every backend implements, so one loop (``mindhier_rt.pipeline``) drives them all.
+
+Tensors cross the contract as torch tensors on ``backend.device`` (a backend that computes with numpy,
+ONNX Runtime or TensorRT wraps its buffers); the per-scan state is the backend's own object.
+Shapes: B rows (scan x sample, doubled with guidance), D context width, S context tokens,
+l tokens of scale i, E VQ latent channels, V vocabulary, h = w = the finest grid side.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from mindhier_rt.config import ModelConfig
+
+
+class DecodeBackend(Protocol):
+    name: str
+    cfg: ModelConfig
+    device: torch.device
+
+    def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
+        """Voxels -> (pooled_BD, deep-first context_BSD)."""
+        ...
+
+    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor) -> Any:
+        """Context step, once per scan: condition, AdaLN vectors, cross-attention K/V, empty self cache."""
+        ...
+
+    def select(self, state: Any, rows: slice) -> Any:
+        """Keep only some rows of the state (guidance switched off: drop the unconditional half)."""
+        ...
+
+    def step(self, i: int, state: Any, x_BlE: Tensor | None) -> Tensor:
+        """Logits [B, n_i, V] (float32) of scale i."""
+        ...
+
+    def empty_fhat(self, batch: int) -> Tensor:
+        """Zero accumulated latent [B, E, h, w]."""
+        ...
+
+    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Add scale i's tokens to f_hat; return it and the next scale's input [B, n_{i+1}, E] (None at the end)."""
+        ...
+
+    def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
+        """VQ-VAE decoder: images [B, 3, H, W] in [0, 1]."""
+        ...

@@ -1,0 +1,19 @@
+import pytest
+import torch
+
+from mindhier_rt.config import preset
+from mindhier_rt.models.mindhier import MindHier
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A randomly initialised tiny checkpoint on disk, shared by the CLI and pipeline tests."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    MindHier.from_config(preset("tiny"), seed=0).save(path)
+    return path
+
+
+@pytest.fixture()
+def tiny_voxels():
+    torch.manual_seed(0)
+    return torch.randn(5, preset("tiny").encoder.voxel_count("subj01"))
