@@ -27,7 +27,7 @@ def test_shapes_and_range(backend, tiny_voxels):
     cfg = backend.cfg
     rec = reconstruct(backend, tiny_voxels[:3], "subj01", SamplingConfig(), samples=2)
     assert rec.images_NS3HW.shape == (3, 2, 3, cfg.image_size, cfg.image_size)
-    assert 0 <= rec.images_NS3HW.min() and rec.images_NS3HW.max() <= 1
+    assert rec.images_NS3HW.min() >= 0 and rec.images_NS3HW.max() <= 1
     assert [t.shape for t in rec.tokens] == [(3, 2, n) for n in cfg.schedule.token_counts]
     assert all(((t >= 0) & (t < cfg.vocab_size)).all() for t in rec.tokens)
 
