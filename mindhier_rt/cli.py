@@ -162,6 +162,160 @@ def decode(
         raise typer.Exit(1)
 
 
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Option("--out", help="folder for the synthetic data set")],
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="subjects and image size come from this preset")
+    ] = "demo",
+    n_train: Annotated[int, typer.Option(min=1)] = 1200,
+    n_test: Annotated[int, typer.Option(min=2)] = 100,
+    repeats: Annotated[int, typer.Option(min=1, help="presentations of each test image")] = 3,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+) -> None:
+    """Write the synthetic fMRI benchmark in the on-disk layout the NSD loader reads."""
+    from mindhier_rt.data.nsd import synth_command_impl
+
+    root = synth_command_impl(out, preset_name, n_train=n_train, n_test=n_test, repeats=repeats, seed=seed)
+    typer.echo(f"wrote {root}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("runs/demo"),
+    seed: Annotated[int, typer.Option(min=0)] = 0,
+    steps_scale: Annotated[float, typer.Option(min=0.001, help="multiply every training step count")] = 1.0,
+    progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+) -> None:
+    """Synthesise data, train tiny models, decode the held-out scans, write images and metrics."""
+    from mindhier_rt.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(seed=seed).scaled(steps_scale)
+    metrics = run_demo(out, settings, progress=progress, say=typer.echo)
+    keys = ("pixcorr", "ssim", "two_way_pixel", "two_way_feature", "n_test", "backend", "seconds")
+    typer.echo("metrics: " + ", ".join(f"{k}={metrics[k]}" for k in keys))
+    typer.echo(f"wrote {out / 'reconstructions.png'} and {out / 'metrics.json'}")
+
+
+train_app = typer.Typer(help="Train the VQ-VAE, stage 1 (encoder) or stage 2 (generator) on a data folder.")
+app.add_typer(train_app, name="train")
+
+
+def _train_setup(data_dir: Path, preset_name: str, init: Path | None, need: tuple[str, ...]):
+    from mindhier_rt.config import preset
+    from mindhier_rt.data.nsd import BrainDataset
+    from mindhier_rt.models.mindhier import MindHier
+
+    data = BrainDataset(data_dir)
+    if init is not None:
+        models = MindHier.load(init, require=need)
+    else:
+        if need:
+            raise InputError(f"this stage needs trained {', '.join(need)}: pass --init CKPT from the earlier stages")
+        models = MindHier.from_config(preset(preset_name), seed=0)
+    for subject, n in data.subjects.items():
+        if subject in dict(models.cfg.encoder.subjects) and models.cfg.encoder.voxel_count(subject) != n:
+            raise InputError(
+                f"{data_dir}: {subject} has {n} voxels, the model expects {models.cfg.encoder.voxel_count(subject)}"
+            )
+    return data, models
+
+
+DataOpt = Annotated[Path, typer.Option("--data", help="data folder (mindhier-rt synth layout / NSD layout)")]
+RunOpt = Annotated[Path, typer.Option("--out", help="run folder: state, loss log, model.safetensors")]
+InitOpt = Annotated[Path | None, typer.Option("--init", help="checkpoint to start from (earlier stages' weights)")]
+PresetOpt = Annotated[str, typer.Option("--preset", help="model preset when starting from scratch")]
+StepsOpt = Annotated[int, typer.Option(min=1)]
+ResumeOpt = Annotated[bool, typer.Option(help="continue from the run folder's saved state")]
+
+
+def _tcfg(steps: int, batch_size: int, lr: float, seed: int):
+    from mindhier_rt.train.loop import TrainConfig
+
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+
+
+@train_app.command("vqvae")
+def train_vqvae_cmd(
+    data: DataOpt,
+    out: RunOpt,
+    init: InitOpt = None,
+    preset_name: PresetOpt = "demo",
+    steps: StepsOpt = 500,
+    batch_size: StepsOpt = 32,
+    lr: float = 2e-3,
+    seed: int = 0,
+    resume: ResumeOpt = True,
+) -> None:
+    """Reconstruction + codebook/commitment losses on the training images."""
+    import torch
+
+    from mindhier_rt.train.stages import load_trials, train_vqvae
+
+    ds, models = _train_setup(data, preset_name, init, ())
+    train_index = torch.unique(torch.cat([t.image_index_n for t in load_trials(ds)]))
+    images = torch.from_numpy(ds.images(train_index.numpy()))
+    train_vqvae(models, images, _tcfg(steps, batch_size, lr, seed), out, resume=resume)
+    models.save(out / "model.safetensors")
+    typer.echo(f"wrote {out / 'model.safetensors'}")
+
+
+@train_app.command("stage1")
+def train_stage1_cmd(
+    data: DataOpt,
+    out: RunOpt,
+    init: InitOpt = None,
+    preset_name: PresetOpt = "demo",
+    steps: StepsOpt = 400,
+    batch_size: StepsOpt = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    resume: ResumeOpt = True,
+    teacher_seed: Annotated[int, typer.Option(help="seed of the frozen random-ViT teacher")] = 0,
+) -> None:
+    """Align the encoder's levels to a frozen teacher's layer taps (hierarchical MSE + SoftCLIP).
+
+    The teacher is the frozen random ViT of the synthetic benchmark (no download).
+    """
+    import torch
+
+    from mindhier_rt.train.stages import load_trials, train_stage1
+    from mindhier_rt.train.teacher import HashTextTeacher, RandomViTTeacher
+
+    ds, models = _train_setup(data, preset_name, init, ())
+    images = torch.from_numpy(ds.images())
+    teacher = RandomViTTeacher(models.cfg, seed=teacher_seed)
+    levels = torch.cat([teacher.image_levels(images[i : i + 256]) for i in range(0, len(images), 256)])
+    text = HashTextTeacher(models.cfg, seed=teacher_seed).text_tokens(ds.captions())
+    train_stage1(models, load_trials(ds), levels, text, _tcfg(steps, batch_size, lr, seed), out, resume=resume)
+    models.save(out / "model.safetensors")
+    typer.echo(f"wrote {out / 'model.safetensors'}")
+
+
+@train_app.command("stage2")
+def train_stage2_cmd(
+    data: DataOpt,
+    out: RunOpt,
+    init: InitOpt = None,
+    steps: StepsOpt = 700,
+    batch_size: StepsOpt = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    resume: ResumeOpt = True,
+    cond_drop: Annotated[float, typer.Option(min=0.0, max=1.0, help="condition dropout for guidance")] = 0.1,
+) -> None:
+    """Train the generator on the token pyramids with the encoder and VQ-VAE frozen (needs --init)."""
+    import torch
+
+    from mindhier_rt.train.stages import load_trials, train_stage2
+
+    ds, models = _train_setup(data, "demo", init, ("encoder", "vqvae"))
+    images = torch.from_numpy(ds.images())
+    train_stage2(models, load_trials(ds), images, _tcfg(steps, batch_size, lr, seed), out, cond_drop, resume=resume)
+    models.save(out / "model.safetensors")
+    typer.echo(f"wrote {out / 'model.safetensors'}")
+
+
 def main() -> None:
     """Console-script entry: run the app, turning our errors into one line and a non-zero exit."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

@@ -218,6 +218,30 @@ def _small() -> ModelConfig:
     )
 
 
+def _demo() -> ModelConfig:
+    """`mindhier-rt demo`: 32 px synthetic stimuli, trains all three models in minutes on 2 CPU cores."""
+    return ModelConfig(
+        name="demo",
+        image_size=32,
+        patch_nums=(1, 2, 3, 4, 6, 8),
+        n_levels=4,
+        context_tokens=17,
+        context_dim=64,
+        vocab_size=256,
+        latent_dim=16,
+        encoder=EncoderConfig(
+            subjects=(("subj01", 600), ("subj02", 500)),
+            mlp_dims=(256,),
+            voxel_tokens=8,
+            heads=4,
+            ffn_dim=128,
+            text_tokens=4,
+        ),
+        generator=GeneratorConfig(depth=3, width=96, heads=2),
+        vqvae=VQVAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
+    )
+
+
 def _mindhier(name: str, image_size: int, patch_nums: tuple[int, ...], depth: int, width: int) -> ModelConfig:
     """Reference sizes: CLIP ViT-L/14 levels (4 x 257 x 768), VAR's VQ-VAE, Switti-style generator."""
     return ModelConfig(
@@ -232,6 +256,7 @@ def _mindhier(name: str, image_size: int, patch_nums: tuple[int, ...], depth: in
 PRESETS = {
     "tiny": _tiny,
     "small": _small,
+    "demo": _demo,
     "mindhier-256": lambda: _mindhier("mindhier-256", 256, PATCH_NUMS_256, depth=16, width=1024),
     "mindhier-512": lambda: _mindhier("mindhier-512", 512, PATCH_NUMS_512, depth=30, width=1920),
 }

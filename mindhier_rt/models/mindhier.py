@@ -34,17 +34,21 @@ class MindHier:
             return cls(cfg, HierarchicalEncoder(cfg), ScaleGenerator(cfg), MultiScaleVQVAE(cfg))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu", parts: tuple[str, ...] = PARTS) -> MindHier:
-        """Load a checkpoint that holds (at least) ``parts``; every tensor is checked by name and shape."""
+    def load(cls, path: str | Path, device: torch.device | str = "cpu", require: tuple[str, ...] = PARTS) -> MindHier:
+        """Load every part a checkpoint holds (parts it lacks keep their random init).
+
+        ``require`` names the parts that must be present; every tensor is checked by name and shape.
+        """
         ckpt = read_checkpoint(path)
-        missing = [p for p in parts if p not in ckpt.parts]
+        missing = [p for p in require if p not in ckpt.parts]
         if missing:
             raise CheckpointError(
                 f"{path}: checkpoint lacks {', '.join(missing)} (it holds {', '.join(ckpt.parts) or 'nothing'})"
             )
         models = cls.from_config(ckpt.cfg, device=device)
-        for name in parts:
-            load_part(getattr(models, name), ckpt, name)
+        for name in PARTS:
+            if name in ckpt.parts:
+                load_part(getattr(models, name), ckpt, name)
         return models.eval()
 
     def modules(self) -> dict[str, nn.Module]:

@@ -239,6 +239,7 @@ class VQOutput:
 
     recon: ``[B, 3, H, W]`` on the [0, 1] scale, NOT clamped (so its gradient survives; ``fhat_to_img``
     clamps). vq_loss = codebook_loss + beta * commit_loss. idx: per-scale tokens ``[B, pn_i ** 2]``.
+    rests: per-scale quantiser inputs ``[B * pn_i ** 2, E]`` (detached), for codebook restarts in training.
     """
 
     recon: Tensor
@@ -246,6 +247,7 @@ class VQOutput:
     codebook_loss: Tensor
     commit_loss: Tensor
     idx: list[Tensor]
+    rests: list[Tensor]
 
 
 class MultiScaleVQVAE(nn.Module):
@@ -331,8 +333,11 @@ class MultiScaleVQVAE(nn.Module):
             h_BEhw = resize_bicubic(h_BEhw, n)
         return self.quantize.quant_resi.qresi_ls[self.schedule.phi_index[i]](h_BEhw)
 
-    def _quantize(self, f_BEhw: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Residual quantisation of ``f``: returns ``f_hat`` (grad flows to codebook and Phi) and tokens."""
+    def _quantize(self, f_BEhw: Tensor, rests: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Residual quantisation of ``f``: returns ``f_hat`` (grad flows to codebook and Phi) and tokens.
+
+        If ``rests`` is a list, each scale's quantiser input ``[B * pn^2, E]`` is appended to it.
+        """
         sched = self.schedule
         f_rest_BEhw = f_BEhw.detach()
         f_hat_BEhw = torch.zeros_like(f_rest_BEhw)
@@ -340,6 +345,8 @@ class MultiScaleVQVAE(nn.Module):
         for i, pn in enumerate(sched.patch_nums):
             rest_BEhw = resize_area(f_rest_BEhw, pn) if i != sched.n_scales - 1 else f_rest_BEhw
             idx_Bl = self._nearest(rest_BEhw)
+            if rests is not None:
+                rests.append(rest_BEhw.detach().permute(0, 2, 3, 1).reshape(-1, self.latent_dim))
             h_BEhw = self._scale_contribution(i, idx_Bl)
             f_hat_BEhw = f_hat_BEhw + h_BEhw
             f_rest_BEhw = f_rest_BEhw - h_BEhw.detach()
@@ -417,7 +424,8 @@ class MultiScaleVQVAE(nn.Module):
         the decoder sees ``f + (f_hat - f).detach()`` and ``recon = (decoder(...) + 1) / 2`` (unclamped).
         """
         f_BEhw = self.encode_latent(img_B3HW)
-        f_hat_BEhw, idx_list = self._quantize(f_BEhw)
+        rests: list[Tensor] = []
+        f_hat_BEhw, idx_list = self._quantize(f_BEhw, rests)
         codebook_loss = F.mse_loss(f_hat_BEhw, f_BEhw.detach())
         commit_loss = F.mse_loss(f_hat_BEhw.detach(), f_BEhw)
         f_st_BEhw = f_BEhw + (f_hat_BEhw - f_BEhw).detach()
@@ -428,4 +436,5 @@ class MultiScaleVQVAE(nn.Module):
             codebook_loss=codebook_loss,
             commit_loss=commit_loss,
             idx=idx_list,
+            rests=rests,
         )
