@@ -85,11 +85,66 @@ def init(
 
 
 @app.command()
-def decode(
+def export(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="checkpoint (.safetensors) with encoder, generator, vqvae")],
+    out: Annotated[Path, typer.Option("--out", help="bundle folder to write")],
+    dtype: Annotated[str, typer.Option(help="float32 or float16 weights")] = "float32",
+    batch: Annotated[int, typer.Option(min=1, help="scans per run (recorded shapes; graphs take any batch)")] = 1,
+    samples: Annotated[int, typer.Option(min=1, help="samples per scan (recorded shapes)")] = 1,
+    subjects: Annotated[str | None, typer.Option(help="comma-separated subjects to export (default: all)")] = None,
+) -> None:
+    """Export a checkpoint to an engine bundle: ONNX graphs, tables and manifest.json."""
+    from rich.progress import Progress
+
+    from mindhier_rt.export.onnx_export import export_bundle
+    from mindhier_rt.models.mindhier import MindHier
+
+    models = MindHier.load(ckpt)
+    n_subjects = len(models.cfg.encoder.subjects) if subjects is None else len(subjects.split(","))
+    n_graphs = n_subjects + models.cfg.schedule.n_scales + 3
+    with Progress(transient=True) as progress:
+        task = progress.add_task("exporting", total=n_graphs)
+
+        def on_graph(name: str) -> None:
+            progress.update(task, description=f"exporting {name}", advance=1)
+
+        bundle = export_bundle(
+            models, out, dtype=dtype, batch=batch, samples=samples, source=str(ckpt), on_graph=on_graph,
+        )  # fmt: skip
+    size = sum(meta["bytes"] for meta in bundle.manifest["files"].values())
+    typer.echo(f"wrote {out}: {len(bundle.manifest['graphs'])} graphs, {size / 1e6:.1f} MB")
+
+
+def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, device: str):
+    """The backend for decode/profile: --ckpt runs the torch reference, --engine a bundle."""
+    if (ckpt is None) == (engine is None):
+        raise InputError("give exactly one of --ckpt CKPT (PyTorch reference) or --engine BUNDLE (exported graphs)")
+    backend = backend or ("torch" if ckpt is not None else "onnxruntime")
+    if backend == "torch":
+        if ckpt is None:
+            raise InputError("--backend torch runs a checkpoint: pass --ckpt instead of --engine")
+        from mindhier_rt.models.mindhier import MindHier
+        from mindhier_rt.runtime.torch_backend import TorchBackend
+
+        return TorchBackend(MindHier.load(ckpt, device=device), device=device)
+    if backend == "onnxruntime":
+        if engine is None:
+            raise InputError("--backend onnxruntime runs a bundle: export one and pass --engine BUNDLE")
+        from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        return OnnxRuntimeBackend(engine, providers=providers)
+    raise InputError(f"unknown backend {backend!r}; choose torch or onnxruntime")
+
+
+@app.command()
+def decode(
     fmri: Annotated[Path, typer.Option("--fmri", help="voxels: .npy / .npz / .h5, one row per scan")],
     subject: Annotated[str, typer.Option("--subject", help="subject id, e.g. subj01")],
     out: Annotated[Path, typer.Option("--out", help="output folder for the PNGs and decode.json")],
+    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="checkpoint: decode with the PyTorch reference")] = None,
+    engine: Annotated[Path | None, typer.Option("--engine", help="engine bundle from `mindhier-rt export`")] = None,
+    backend: Annotated[str | None, typer.Option(help="torch (--ckpt) or onnxruntime (--engine)")] = None,
     samples: Annotated[int, typer.Option(min=1, help="samples per scan")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="seed of the token draws")] = 0,
     cfg_scale: Annotated[float, typer.Option("--cfg", min=0.0, help="guidance scale (0 = off)")] = 6.0,
@@ -99,24 +154,22 @@ def decode(
     greedy: Annotated[bool, typer.Option(help="argmax instead of sampling")] = False,
     batch: Annotated[int, typer.Option(min=1, help="scans per forward pass")] = 8,
     key: Annotated[str | None, typer.Option(help="array name inside .npz / .h5 files (default: voxels)")] = None,
-    device: Annotated[str, typer.Option(help="torch device")] = "cpu",
+    device: Annotated[str, typer.Option(help="torch device / cuda for the CUDA execution provider")] = "cpu",
 ) -> None:
-    """Reconstruct images from fMRI scans with the PyTorch reference backend."""
+    """Reconstruct images from fMRI scans, from a checkpoint (torch) or an engine bundle (onnxruntime)."""
     import torch
     from rich.progress import Progress
 
     from mindhier_rt.io import finite_rows, read_voxels, save_png, write_json
-    from mindhier_rt.models.mindhier import MindHier
     from mindhier_rt.pipeline import reconstruct
-    from mindhier_rt.runtime.torch_backend import TorchBackend
     from mindhier_rt.sampling import SamplingConfig
 
     sampling = SamplingConfig(
         cfg_scale=cfg_scale, cfg_stop=cfg_stop, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed
     )
     voxels = read_voxels(fmri, key=key)
-    models = MindHier.load(ckpt, device=device)
-    expected = models.cfg.encoder.voxel_count(subject)
+    runner = _open_backend(ckpt, engine, backend, device)
+    expected = runner.cfg.encoder.voxel_count(subject)
     if voxels.shape[1] != expected:
         raise InputError(f"{fmri}: subject {subject} expects {expected} voxels per scan, got {voxels.shape[1]}")
     good = finite_rows(voxels)
@@ -124,7 +177,6 @@ def decode(
     for s in skipped:
         typer.echo(f"warning: scan {s['scan']}: {s['reason']}, skipped", err=True)
     good_ids = good.nonzero()[0]
-    backend = TorchBackend(models, device=device)
     out.mkdir(parents=True, exist_ok=True)
     written: list[dict] = []
     t0 = time.perf_counter()
@@ -133,7 +185,7 @@ def decode(
         for start in range(0, len(good_ids), batch):
             ids = good_ids[start : start + batch]
             rec = reconstruct(
-                backend, torch.from_numpy(voxels[ids]), subject, sampling, samples=samples,
+                runner, torch.from_numpy(voxels[ids]), subject, sampling, samples=samples,
                 scan_ids=torch.from_numpy(ids),
             )  # fmt: skip
             for row, scan in enumerate(ids):
@@ -146,10 +198,11 @@ def decode(
     write_json(
         out / "decode.json",
         {
-            "ckpt": str(ckpt),
+            "ckpt": None if ckpt is None else str(ckpt),
+            "engine": None if engine is None else str(engine),
             "fmri": str(fmri),
             "subject": subject,
-            "backend": backend.name,
+            "backend": runner.name,
             "sampling": sampling.to_dict(),
             "samples": samples,
             "images": written,
@@ -157,9 +210,154 @@ def decode(
             "seconds": round(seconds, 3),
         },
     )
-    typer.echo(f"decoded {len(good_ids)} scans ({len(skipped)} skipped) into {out} in {seconds:.1f} s")
+    typer.echo(
+        f"decoded {len(good_ids)} scans ({len(skipped)} skipped) with {runner.name} into {out} in {seconds:.1f} s"
+    )
     if not len(good_ids):
         raise typer.Exit(1)
+
+
+PROFILE_BACKENDS = ("torch", "onnxruntime")
+
+
+def _profile_plan(
+    engine: Path | None, preset_name: str | None, ckpt: Path | None, backend: str | None, export_dir: Path | None
+) -> list[str]:
+    """Check the source/backend combination of `profile`; return the backends to run, in order."""
+    sources = [flag for flag, v in (("--engine", engine), ("--preset", preset_name), ("--ckpt", ckpt)) if v is not None]
+    if not sources:
+        raise InputError("give --preset P (random weights), --ckpt CKPT or --engine BUNDLE")
+    if preset_name is not None and len(sources) > 1:
+        raise InputError(f"--preset builds its own random-weight models: do not combine it with {sources[1]}")
+    if backend is None:  # what the sources given can run
+        names = ["torch"] if preset_name is not None or ckpt is not None else []
+        names += ["onnxruntime"] if engine is not None else []
+    else:
+        names = [b.strip() for b in backend.split(",") if b.strip()]
+    unknown = [b for b in names if b not in PROFILE_BACKENDS]
+    if unknown or not names:
+        raise InputError(
+            f"unknown backend {', '.join(unknown) or backend!r}; choose from {', '.join(PROFILE_BACKENDS)}"
+        )
+    if len(set(names)) != len(names):
+        raise InputError(f"--backend lists a backend twice: {backend}")
+    if "torch" in names and preset_name is None and ckpt is None:
+        raise InputError("--backend torch needs PyTorch weights: pass --ckpt CKPT (or --preset P) besides --engine")
+    if export_dir is not None and (engine is not None or "onnxruntime" not in names):
+        raise InputError("--export-dir is where the onnxruntime bundle is exported; it needs --preset or --ckpt")
+    return names
+
+
+@app.command()
+def profile(
+    engine: Annotated[Path | None, typer.Option("--engine", help="engine bundle (onnxruntime)")] = None,
+    preset_name: Annotated[str | None, typer.Option("--preset", help="random-weight models of this preset")] = None,
+    ckpt: Annotated[Path | None, typer.Option("--ckpt", help="checkpoint (torch; exported for onnxruntime)")] = None,
+    backend: Annotated[str | None, typer.Option(help="comma-separated: torch,onnxruntime")] = None,
+    batch: Annotated[int, typer.Option(min=1, help="scans per decode")] = 1,
+    samples: Annotated[int, typer.Option(min=1, help="samples per scan")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="timed runs (medians are reported)")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="untimed runs first")] = 1,
+    subject: Annotated[str | None, typer.Option(help="subject id (default: the config's first)")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="seed of the random voxels and of the token draws")] = 0,
+    cfg_scale: Annotated[float, typer.Option("--cfg", min=0.0, help="guidance scale (0 = off: half the rows)")] = 6.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this JSON file")] = None,
+    device: Annotated[str, typer.Option(help="torch device / cuda for the CUDA execution provider")] = "cpu",
+    export_dir: Annotated[
+        Path | None, typer.Option("--export-dir", help="export the onnxruntime bundle here (default: a temp folder)")
+    ] = None,
+) -> None:
+    """Time every phase of the decode loop per backend, next to the cost model's FLOPs and bytes."""
+    import contextlib
+    import tempfile
+
+    from mindhier_rt.io import write_json
+    from mindhier_rt.profile import format_table, machine_info, profile_backend
+    from mindhier_rt.sampling import SamplingConfig
+
+    names = _profile_plan(engine, preset_name, ckpt, backend, export_dir)
+    sampling = SamplingConfig(cfg_scale=cfg_scale, seed=seed)
+    with contextlib.ExitStack() as stack:
+        models = None
+        if preset_name is not None:
+            from mindhier_rt.config import preset
+            from mindhier_rt.models.mindhier import MindHier
+
+            models = MindHier.from_config(preset(preset_name), seed=0)
+        elif ckpt is not None:
+            from mindhier_rt.models.mindhier import MindHier
+
+            models = MindHier.load(ckpt)
+        bundle_path = engine
+        if "onnxruntime" in names and bundle_path is None:
+            from mindhier_rt.export.onnx_export import export_bundle
+
+            assert models is not None
+            bundle_path = export_dir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mindhier-rt-")))
+            typer.echo(f"exporting the onnxruntime bundle to {bundle_path} ...", err=True)
+            export_bundle(models, bundle_path, batch=batch, samples=samples, source=str(ckpt or preset_name))
+        runners = []
+        for name in names:
+            if name == "torch":
+                from mindhier_rt.runtime.torch_backend import TorchBackend
+
+                assert models is not None
+                runners.append(TorchBackend(models, device=device))
+            else:
+                from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+                runners.append(OnnxRuntimeBackend(bundle_path, providers=providers))
+        if any(r.cfg != runners[0].cfg for r in runners):
+            raise InputError(f"the checkpoint and {engine} hold different model configs: profile them separately")
+        cfg = runners[0].cfg
+        subject = subject or cfg.encoder.subjects[0][0]
+        cfg.encoder.voxel_count(subject)  # ConfigError naming the known subjects
+        results = []
+        for runner in runners:
+            typer.echo(f"profiling {runner.name}: {repeats} runs after {warmup} warm-up ...", err=True)
+            results.append(
+                profile_backend(runner, subject, batch, samples, sampling, repeats=repeats, warmup=warmup, seed=seed)
+            )
+    medians = {r["backend"]: r["end_to_end"]["median_ms"] for r in results}
+    ratio = medians["onnxruntime"] / medians["torch"] if {"torch", "onnxruntime"} <= medians.keys() else None
+    machine = machine_info(device)
+    typer.echo(
+        f"{cfg.name}, {batch} scan(s) x {samples} sample(s), subject {subject}, cfg {cfg_scale}; "
+        f"{machine['cpu']} ({machine['cpus_usable']} CPUs), torch {machine['torch']}, "
+        f"onnxruntime {machine['onnxruntime']}, device {device}"
+    )
+    typer.echo(format_table(results))
+    if ratio is not None:
+        typer.echo(f"onnxruntime / torch end to end: {ratio:.3f}")
+    if json_out is not None:
+        write_json(
+            json_out,
+            {
+                "machine": machine,
+                "settings": {
+                    "source": {
+                        "preset": preset_name,
+                        "ckpt": None if ckpt is None else str(ckpt),
+                        "engine": None if engine is None else str(engine),
+                    },
+                    "config": cfg.name,
+                    "backends": names,
+                    "subject": subject,
+                    "batch": batch,
+                    "samples": samples,
+                    "repeats": repeats,
+                    "warmup": warmup,
+                    "seed": seed,
+                    "sampling": sampling.to_dict(),
+                    "device": device,
+                },
+                "results": results,
+                "end_to_end_median_ms": medians,
+                "ratio_onnxruntime_over_torch": ratio,
+            },
+        )
+        typer.echo(f"wrote {json_out}")
 
 
 @app.command()

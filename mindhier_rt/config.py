@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 from mindhier_rt.errors import ConfigError
 from mindhier_rt.schedule import ATTN_MODES, PATCH_NUMS_256, PATCH_NUMS_512, AttnMode, Guidance, Schedule
@@ -103,6 +103,7 @@ class ModelConfig:
     vocab_size: int = 4096  # V
     latent_dim: int = 32  # E (Cvae)
     guidance: Guidance = "coarse_to_fine"
+    conditioning: Literal["hierarchical", "single"] = "hierarchical"  # "single": ablation, e_M everywhere
     clip_layer_base: int = 8
     clip_layer_stride: int = 4
 
@@ -124,6 +125,8 @@ class ModelConfig:
                 f"image_size {self.image_size} != last patch_num {self.patch_nums[-1]} x VQ downsampling "
                 f"{self.vqvae.downsample} = {expected}"
             )
+        if self.conditioning not in ("hierarchical", "single"):
+            raise ConfigError(f"conditioning must be 'hierarchical' or 'single', got {self.conditioning!r}")
         if not self.encoder.subjects:
             raise ConfigError("the encoder needs at least one subject")
 

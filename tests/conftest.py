@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -17,3 +19,21 @@ def tiny_ckpt(tmp_path_factory):
 def tiny_voxels():
     torch.manual_seed(0)
     return torch.randn(5, preset("tiny").encoder.voxel_count("subj01"))
+
+
+@pytest.fixture()
+def cli(monkeypatch, capsys):
+    """Run the console entry point in-process: returns (exit code, stdout, stderr)."""
+    from mindhier_rt.cli import main
+
+    def run(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["mindhier-rt", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -7,22 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from mindhier_rt.cli import main
 
-
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["mindhier-rt", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_info_json_reference_sizes(monkeypatch, capsys):
-    code, out, _ = run_cli(monkeypatch, capsys, "info", "--preset", "mindhier-512", "--json")
+def test_info_json_reference_sizes(cli):
+    code, out, _ = cli("info", "--preset", "mindhier-512", "--json")
     assert code == 0
     report = json.loads(out)
     params = report["params"]
@@ -34,8 +21,8 @@ def test_info_json_reference_sizes(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "mindhier-256"])
-def test_info_every_preset(monkeypatch, capsys, name):
-    code, out, _ = run_cli(monkeypatch, capsys, "info", "--preset", name)
+def test_info_every_preset(cli, name):
+    code, out, _ = cli("info", "--preset", name)
     assert code == 0 and "parameters" in out
 
 
@@ -48,10 +35,9 @@ def voxel_file(tmp_path):
     return path
 
 
-def test_decode_is_deterministic_and_skips_bad_scans(monkeypatch, capsys, tmp_path, tiny_ckpt, voxel_file):
+def test_decode_is_deterministic_and_skips_bad_scans(cli, tmp_path, tiny_ckpt, voxel_file):
     def decode(out, seed):
-        return run_cli(
-            monkeypatch, capsys, "decode", "--ckpt", tiny_ckpt, "--fmri", voxel_file, "--subject", "subj01",
+        return cli("decode", "--ckpt", tiny_ckpt, "--fmri", voxel_file, "--subject", "subj01",
             "--out", out, "--samples", "2", "--seed", seed,
         )  # fmt: skip
 
@@ -70,25 +56,22 @@ def test_decode_is_deterministic_and_skips_bad_scans(monkeypatch, capsys, tmp_pa
     assert not list((tmp_path / "a").glob(".*"))  # no temp files left behind
 
 
-def test_decode_bad_inputs_give_one_line(monkeypatch, capsys, tmp_path, tiny_ckpt, voxel_file):
+def test_decode_bad_inputs_give_one_line(cli, tmp_path, tiny_ckpt, voxel_file):
     cases = [
         (["--subject", "subj02"], "expects 80 voxels per scan, got 96"),
         (["--subject", "subj09"], "unknown subject 'subj09'"),
     ]
     for extra, message in cases:
-        code, _, err = run_cli(
-            monkeypatch, capsys, "decode", "--ckpt", tiny_ckpt, "--fmri", voxel_file, "--out", tmp_path / "o", *extra
-        )
+        code, _, err = cli("decode", "--ckpt", tiny_ckpt, "--fmri", voxel_file, "--out", tmp_path / "o", *extra)
         assert code == 1 and message in err and "Traceback" not in err
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(tiny_ckpt.read_bytes()[:1000])
     for ckpt in (tmp_path / "missing.safetensors", corrupt):
-        code, _, err = run_cli(
-            monkeypatch, capsys, "decode", "--ckpt", ckpt, "--fmri", voxel_file, "--subject", "subj01",
+        code, _, err = cli("decode", "--ckpt", ckpt, "--fmri", voxel_file, "--subject", "subj01",
             "--out", tmp_path / "o",
         )  # fmt: skip
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
-    code, _, err = run_cli(monkeypatch, capsys, "info", "--preset", "nope")
+    code, _, err = cli("info", "--preset", "nope")
     assert code == 1 and "known presets" in err
 
 
@@ -100,13 +83,11 @@ def test_console_script_exit_code(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_init_then_decode_all_nan_fails(monkeypatch, capsys, tmp_path):
+def test_init_then_decode_all_nan_fails(cli, tmp_path):
     ckpt = tmp_path / "bc.safetensors"
-    code, _, _ = run_cli(monkeypatch, capsys, "init", "--out", ckpt, "--attn-mode", "block_causal")
+    code, _, _ = cli("init", "--out", ckpt, "--attn-mode", "block_causal")
     assert code == 0 and ckpt.exists()
     bad = tmp_path / "bad.npy"
     np.save(bad, np.full((2, 96), np.nan, dtype=np.float32))
-    code, _, err = run_cli(
-        monkeypatch, capsys, "decode", "--ckpt", ckpt, "--fmri", bad, "--subject", "subj01", "--out", tmp_path / "o"
-    )
+    code, _, err = cli("decode", "--ckpt", ckpt, "--fmri", bad, "--subject", "subj01", "--out", tmp_path / "o")
     assert code == 1 and err.count("skipped") == 2

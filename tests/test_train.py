@@ -147,3 +147,25 @@ def test_demo_on_a_reduced_setting(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert (tmp_path / "reconstructions.png").stat().st_size > 0
     assert (tmp_path / "model.safetensors").exists() and (tmp_path / "data" / "dataset.json").exists()
+
+
+def test_train_commands_chain_and_resume(cli, tmp_path):
+    data = tmp_path / "data"
+    assert cli("synth", "--out", data, "--n-train", "24", "--n-test", "4", "--repeats", "2")[0] == 0
+    steps = ["--steps", "2", "--batch-size", "4"]
+    code, _, err = cli("train", "vqvae", "--data", data, "--out", tmp_path / "vq", *steps)
+    assert code == 0, err
+    code, _, err = cli("train", "stage2", "--data", data, "--out", tmp_path / "s2", *steps)
+    assert code == 1 and "--init" in err  # stage 2 needs the earlier stages' weights
+    s1 = ["train", "stage1", "--data", data, "--out", tmp_path / "s1", "--init", tmp_path / "vq" / "model.safetensors"]
+    assert cli(*s1, *steps)[0] == 0
+    assert cli(*s1, "--steps", "3", "--batch-size", "4")[0] == 0  # resumes at step 2, runs one more
+    log = [json.loads(line) for line in (tmp_path / "s1" / "stage1.log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 3]  # logged at the end of each run (log_every is 20)
+    code, _, err = cli(
+        "train", "stage2", "--data", data, "--out", tmp_path / "s2", "--init", tmp_path / "s1" / "model.safetensors",
+        *steps,
+    )  # fmt: skip
+    assert code == 0, err
+    ckpt = MindHier.load(tmp_path / "s2" / "model.safetensors")
+    assert ckpt.cfg.name == "demo"

@@ -33,8 +33,9 @@ class RMSNorm(nn.Module):
         return (y * self.weight.float()).to(x.dtype)
 
 
-def layer_norm_no_affine(x: Tensor, eps: float) -> Tensor:
-    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+def layer_norm_no_affine(x: Tensor, width: int, eps: float) -> Tensor:
+    """LayerNorm over the last axis without gain or bias (``width`` is passed so tracers see a constant)."""
+    return F.layer_norm(x, (width,), eps=eps)
 
 
 # ---- 2D axial rotary embedding, real arithmetic ---------------------------------------------------
@@ -103,7 +104,8 @@ class SelfAttention(nn.Module):
     ) -> Tensor:
         B, l, C = x_BlC.shape
         q_BlC, k_BlC, v_BlC = self.to_qkv(x_BlC).chunk(3, dim=-1)
-        q_BlC, k_BlC = layer_norm_no_affine(q_BlC, self.eps), layer_norm_no_affine(k_BlC, self.eps)
+        width = self.heads * self.head_dim
+        q_BlC, k_BlC = layer_norm_no_affine(q_BlC, width, self.eps), layer_norm_no_affine(k_BlC, width, self.eps)
         q, k, v = (t.view(B, l, self.heads, self.head_dim).transpose(1, 2) for t in (q_BlC, k_BlC, v_BlC))
         q, k = apply_rope(q, cos_lP, sin_lP), apply_rope(k, cos_lP, sin_lP)
         if cache is not None:
@@ -126,12 +128,16 @@ class CrossAttention(nn.Module):
         """K/V of the context, [B, H, S, c] each: computed once per scan, reused at every scale."""
         B, S, _ = y_BSD.shape
         k_BSC, v_BSC = self.to_kv(y_BSD).chunk(2, dim=-1)
-        k_BSC = layer_norm_no_affine(k_BSC, self.eps)
+        k_BSC = layer_norm_no_affine(k_BSC, self.heads * self.head_dim, self.eps)
         return tuple(t.view(B, S, self.heads, self.head_dim).transpose(1, 2) for t in (k_BSC, v_BSC))
 
     def forward(self, x_BlC: Tensor, k_BHSc: Tensor, v_BHSc: Tensor, mask_lS: Tensor | None = None) -> Tensor:
         B, l, C = x_BlC.shape
-        q = layer_norm_no_affine(self.to_q(x_BlC), self.eps).view(B, l, self.heads, self.head_dim).transpose(1, 2)
+        q = (
+            layer_norm_no_affine(self.to_q(x_BlC), self.heads * self.head_dim, self.eps)
+            .view(B, l, self.heads, self.head_dim)
+            .transpose(1, 2)
+        )
         o_BHlc = F.scaled_dot_product_attention(
             q, k_BHSc, v_BHSc, attn_mask=mask_lS, scale=1 / math.sqrt(self.head_dim)
         )
@@ -220,7 +226,7 @@ class AdaLNBeforeHead(nn.Module):
 
     def forward(self, x_BlC: Tensor, ada_B2C: Tensor) -> Tensor:
         scale, shift = ada_B2C.unsqueeze(2).unbind(1)
-        return layer_norm_no_affine(x_BlC, self.eps) * (1 + scale) + shift
+        return layer_norm_no_affine(x_BlC, self.width, self.eps) * (1 + scale) + shift
 
 
 class GaussianFourierFeatures(nn.Module):

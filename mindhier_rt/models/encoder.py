@@ -43,10 +43,18 @@ class EncoderOutput:
     levels_BMTD: Tensor  # [B, M, T, D]; index m-1 holds e_m (shallow first)
     text_BtD: Tensor  # [B, text_tokens, D]
     pooled_BD: Tensor  # mean of e_M over its T tokens
+    single_feature: bool = False  # ablation: every context segment holds the terminal level e_M
 
     def context_BSD(self) -> Tensor:
-        """Deep-first concatenation [e_M, ..., e_1] -> [B, M*T, D]: the generator's cross-attention context."""
-        return self.levels_BMTD.flip(1).flatten(1, 2)
+        """Deep-first concatenation [e_M, ..., e_1] -> [B, M*T, D]: the generator's cross-attention context.
+
+        With ``single_feature`` (``cfg.conditioning == "single"``) it is [e_M, ..., e_M] instead, so every
+        scale reads the same terminal feature whatever the guidance map says.
+        """
+        levels = self.levels_BMTD
+        if self.single_feature:
+            levels = levels[:, -1:].expand_as(levels)
+        return levels.flip(1).flatten(1, 2)
 
 
 class _Attention(nn.Module):
@@ -215,4 +223,9 @@ class HierarchicalEncoder(nn.Module):
         text_BtD = self.text_proj(self.text_norm(t_BtD))
 
         pooled_BD = levels_BMTD[:, -1].mean(dim=1)
-        return EncoderOutput(levels_BMTD=levels_BMTD, text_BtD=text_BtD, pooled_BD=pooled_BD)
+        return EncoderOutput(
+            levels_BMTD=levels_BMTD,
+            text_BtD=text_BtD,
+            pooled_BD=pooled_BD,
+            single_feature=self.cfg.conditioning == "single",
+        )

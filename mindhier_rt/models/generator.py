@@ -160,22 +160,50 @@ class ScaleGenerator(nn.Module):
             self_kv=self_kv,
         )
 
+    def embed_scale(self, i: int, x_BlE: Tensor | None, start_B1C: Tensor | None = None) -> Tensor:
+        """Input tokens of scale i in model width: the start token at i = 0, else word_embed(x); plus lvl_embed[i]."""
+        if i == 0:
+            assert start_B1C is not None
+            h_BlC = start_B1C
+        else:
+            assert x_BlE is not None and x_BlE.shape[1] == self.schedule.token_counts[i]
+            h_BlC = self.word_embed(x_BlE)
+        return h_BlC + self.lvl_embed.weight[i]
+
+    def blocks_step(
+        self,
+        h_BlC: Tensor,
+        cos_lP: Tensor,
+        sin_lP: Tensor,
+        ada_blocks: list[Tensor] | Tensor,
+        ada_head_B2C: Tensor,
+        cross_kv: list[tuple[Tensor, Tensor]],
+        caches: list | None = None,
+        offset: int = 0,
+    ) -> Tensor:
+        """All blocks and the head on one scale's embedded tokens -> logits [B, l, V].
+
+        ``cross_kv`` holds each layer's K/V of this scale's context segment; ``caches`` (block-causal)
+        are objects with ``update(offset, k, v) -> (k_all, v_all)``: the preallocated ``SelfKVCache`` in
+        eager decoding, a past/present concatenation in exported graphs.
+        """
+        for j, block in enumerate(self.blocks):
+            k, v = cross_kv[j]
+            cache = None if caches is None else caches[j]
+            h_BlC = block(h_BlC, ada_blocks[j], cos_lP, sin_lP, k, v, cache=cache, offset=offset)
+        return self._logits(h_BlC, ada_head_B2C)
+
     def step(self, i: int, state: ScanState, x_BlE: Tensor | None = None) -> Tensor:
         """Logits [B, n_i, V] of scale i. ``x_BlE`` is the next-scale input from the VQ-VAE (None at i = 0)."""
         sched = self.schedule
-        tokens = sched.scale_slice(i)
-        if i == 0:
-            x_BlC = state.start_B1C
-        else:
-            assert x_BlE is not None and x_BlE.shape[1] == sched.token_counts[i]
-            x_BlC = self.word_embed(x_BlE)
-        x_BlC = x_BlC + self.lvl_embed.weight[i]
-        cos_lP, sin_lP = self.rope_cos_LP[tokens], self.rope_sin_LP[tokens]
-        ctx = sched.context_slice(i)
-        for j, block in enumerate(self.blocks):
-            k, v = state.ctx_kv[j]
-            x_BlC = block(
-                x_BlC, state.ada_blocks[j], cos_lP, sin_lP, k[:, :, ctx], v[:, :, ctx],
-                cache=None if state.self_kv is None else state.self_kv[j], offset=sched.offsets[i],
-            )  # fmt: skip
-        return self._logits(x_BlC, state.ada_head_B2C)
+        tokens, ctx = sched.scale_slice(i), sched.context_slice(i)
+        return self.blocks_step(
+            self.embed_scale(i, x_BlE, state.start_B1C),
+            self.rope_cos_LP[tokens],
+            self.rope_sin_LP[tokens],
+            state.ada_blocks,
+            state.ada_head_B2C,
+            [(k[:, :, ctx], v[:, :, ctx]) for k, v in state.ctx_kv],
+            state.self_kv,
+            sched.offsets[i],
+        )

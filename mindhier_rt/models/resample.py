@@ -69,7 +69,8 @@ def resample(x_BEhw: Tensor, mat_Hh: Tensor, mat_Ww: Tensor) -> Tensor:
     )
     mat_Hh = mat_Hh.to(device=x_BEhw.device, dtype=x_BEhw.dtype)
     mat_Ww = mat_Ww.to(device=x_BEhw.device, dtype=x_BEhw.dtype)
-    return torch.einsum("Hh,...hw,Ww->...HW", mat_Hh, x_BEhw, mat_Ww)
+    # two broadcast matmuls rather than an einsum: exports to plain MatMul nodes that every runtime takes
+    return mat_Hh @ x_BEhw @ mat_Ww.transpose(0, 1)
 
 
 def _matrix_dtype(x: Tensor) -> torch.dtype:

@@ -1,0 +1,115 @@
+"""The exported graphs: thin nn.Module wrappers around the reference models, one per bundle graph.
+
+Every wrapper calls the same model code as eager decoding (``ScaleGenerator.blocks_step``,
+``MultiScaleVQVAE.update_fhat`` ...), so the graphs cannot drift from the reference. Shapes:
+B batch rows (cond + uncond with guidance), l tokens of a scale, C width, H heads, c head dim,
+M levels, T tokens per level, D context width, P rotary pairs, E VQ latent, h = w finest grid side.
+
+- ``encoder_<subject>``: voxels [B, V_s] -> pooled [B, D], context [B, M*T, D] (deep first)
+- ``context``: pooled, context -> start [B, 1, C], ada_blocks [depth, B, 6, C], ada_head [B, 2, C],
+  cross.{j}.key / cross.{j}.value [M, B, H, T, c] per layer, segment-major so that the segment a
+  scale reads is one contiguous block (a host binds a pointer offset, no copy).
+- ``generator_step``: one graph for every scale (the weights exist once): h [B, l, C], rope.cos/sin
+  [l, P], ada_blocks, ada_head, cross.{j}.key/value [B, H, T, c] of the scale's segment
+  (block-causal: + past_key_values.{j}.key/value [B, H, past, c]) -> logits [B, l, V]
+  (block-causal: + present.{j}.key/value [B, H, past + l, c]). l and past are the only axes that
+  change with the scale; each is static for a given scale.
+- ``update_<i>``: f_hat [B, E, h, w], idx [B, l_i] -> f_hat_next, and (but for the last scale) the next
+  scale's embedded input h [B, l_{i+1}, C] = word_embed(area_down(f_hat')) + lvl_embed[i + 1].
+- ``vq_decoder``: f_hat -> image [B, 3, H, W] in [0, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from mindhier_rt.models.encoder import HierarchicalEncoder
+from mindhier_rt.models.generator import ScaleGenerator
+from mindhier_rt.models.vqvae import MultiScaleVQVAE
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, encoder: HierarchicalEncoder, subject: str) -> None:
+        super().__init__()
+        self.encoder, self.subject = encoder, subject
+
+    def forward(self, voxels_BV: Tensor) -> tuple[Tensor, Tensor]:
+        out = self.encoder(voxels_BV, self.subject)
+        return out.pooled_BD, out.context_BSD()
+
+
+class ContextGraph(nn.Module):
+    """Everything that depends only on the scan, computed once (the context K/V cache and AdaLN vectors)."""
+
+    def __init__(self, generator: ScaleGenerator) -> None:
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, pooled_BD: Tensor, context_BSD: Tensor) -> tuple[Tensor, ...]:
+        gen, sched = self.generator, self.generator.schedule
+        state = gen.prepare(pooled_BD, context_BSD)
+        start_B1C = gen.embed_scale(0, None, state.start_B1C)
+        outs: list[Tensor] = [start_B1C, torch.stack(state.ada_blocks), state.ada_head_B2C]
+        M, T = sched.n_levels, sched.context_tokens
+        for k_BHSc, v_BHSc in state.ctx_kv:
+            for t in (k_BHSc, v_BHSc):
+                B, H, _, c = t.shape
+                outs.append(t.reshape(B, H, M, T, c).permute(2, 0, 1, 3, 4).contiguous())
+        return tuple(outs)
+
+
+class PastPresentKV:
+    """Cache-like object for exported graphs: present = concat(past, new); the host keeps the buffers."""
+
+    def __init__(self, past_k: Tensor, past_v: Tensor) -> None:
+        self.past_k, self.past_v = past_k, past_v
+        self.present: tuple[Tensor, Tensor] | None = None
+
+    def update(self, offset: int, k_BHlc: Tensor, v_BHlc: Tensor) -> tuple[Tensor, Tensor]:
+        self.present = (torch.cat([self.past_k, k_BHlc], dim=2), torch.cat([self.past_v, v_BHlc], dim=2))
+        return self.present
+
+
+class StepGraph(nn.Module):
+    """One scale of the generator; the same graph serves every scale."""
+
+    def __init__(self, generator: ScaleGenerator) -> None:
+        super().__init__()
+        self.generator = generator
+        self.depth = len(generator.blocks)
+        self.block_causal = generator.cfg.generator.attn_mode == "block_causal"
+
+    def forward(self, h_BlC, rope_cos_lP, rope_sin_lP, ada_blocks, ada_head, *kv: Tensor) -> tuple[Tensor, ...]:
+        d = self.depth
+        cross = [(kv[2 * j], kv[2 * j + 1]) for j in range(d)]
+        caches = None
+        if self.block_causal:
+            caches = [PastPresentKV(kv[2 * d + 2 * j], kv[2 * d + 2 * j + 1]) for j in range(d)]
+        logits = self.generator.blocks_step(h_BlC, rope_cos_lP, rope_sin_lP, ada_blocks, ada_head, cross, caches)
+        if caches is None:
+            return (logits,)
+        return (logits, *[t for c in caches for t in c.present])
+
+
+class UpdateGraph(nn.Module):
+    """Scale i's VQ update (lookup, upsample, Phi) and the next scale's embedded generator input."""
+
+    def __init__(self, vqvae: MultiScaleVQVAE, generator: ScaleGenerator, scale: int) -> None:
+        super().__init__()
+        self.vqvae, self.generator, self.scale = vqvae, generator, scale
+
+    def forward(self, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, ...]:
+        f_hat_BEhw, next_x_BlE = self.vqvae.update_fhat(self.scale, f_hat_BEhw, idx_Bl)
+        if next_x_BlE is None:
+            return (f_hat_BEhw,)
+        return f_hat_BEhw, self.generator.embed_scale(self.scale + 1, next_x_BlE)
+
+
+class DecoderGraph(nn.Module):
+    def __init__(self, vqvae: MultiScaleVQVAE) -> None:
+        super().__init__()
+        self.vqvae = vqvae
+
+    def forward(self, f_hat_BEhw: Tensor) -> Tensor:
+        return self.vqvae.fhat_to_img(f_hat_BEhw)

@@ -1,0 +1,310 @@
+"""Export a MindHier checkpoint to an engine bundle of ONNX graphs (see ``graphs.py`` for each graph).
+
+Design: the generator is ONE ``generator_step`` graph whose token axis (and, in block-causal mode, the
+past-length axis) is symbolic, so its weights exist once on disk and once in memory, and TensorRT can
+build one engine with one optimization profile per scale (min = opt = max) sharing those weights.
+Everything that differs between scales is an input: the embedded tokens, the rotary tables (sliced by
+the host from ``rope_cos.npy`` / ``rope_sin.npy`` at the scale's offset) and the context segment
+(a contiguous block of the segment-major context cache). The tiny per-scale VQ updates are one graph
+per scale with fully static shapes. The batch-rows axis is symbolic everywhere; the manifest records
+the concrete shapes of every scale for the bundle's batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import platform
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from mindhier_rt.export.checks import check_graph
+from mindhier_rt.export.graphs import ContextGraph, DecoderGraph, EncoderGraph, StepGraph, UpdateGraph
+from torch import Tensor, nn
+
+from mindhier_rt.bundle import Bundle, write_manifest
+from mindhier_rt.errors import BackendError, ConfigError
+from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.sampling import SamplingConfig
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+EXTERNAL_DATA_BYTES = 64 << 20  # graphs with more weights than this keep them in a .data file
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+DECODE_LOOP = [
+    "rows = scans * samples (scan-major); with guidance the batch is [conditional rows, unconditional rows]",
+    "encoder_<subject>(voxels) -> pooled, context; the unconditional rows use the encoder output of all-zero voxels",
+    "context(pooled, context) -> start, ada_blocks, ada_head, cross.{j}.key/value [M, B, H, T, c] (once per scan)",
+    "for scale i in 0..K-1:",
+    "  if guidance stops at i (sampling.cfg_stop): keep the first `rows` rows of every state tensor",
+    "  h = start at i = 0, else the `h_next` output of update_{i-1}",
+    "  generator_step(h, rope.cos/sin = rows offset_i .. offset_i + tokens_i of rope_*.npy, ada_blocks, ada_head,"
+    " cross.{j}.key/value = segment `segment_i` of the context cache"
+    " [, past_key_values.{j}.key/value = present of scale i-1 (empty at i = 0)]) -> logits [, present]",
+    "  guided: logits = (1 + t_i) * logits[:rows] - t_i * logits[rows:], t_i = cfg_scale * i / (K - 1)",
+    "  idx_i = sample(logits, seed, scan, sample, i): the counter-based draw of docs/sampling.md",
+    "  update_i(f_hat, idx_i) -> f_hat_next, h_next (the next scale's input; duplicate it for the unconditional rows)",
+    "vq_decoder(f_hat) -> images in [0, 1]",
+]
+
+
+@dataclass
+class GraphExport:
+    name: str
+    module: nn.Module
+    args: tuple
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_shapes: tuple
+
+
+def _tensor_spec(name: str, t: Tensor, dims: dict[int, str]) -> dict[str, Any]:
+    shape = [dims.get(a, s) for a, s in enumerate(t.shape)]
+    return {"name": name, "dtype": str(t.dtype).removeprefix("torch."), "shape": shape}
+
+
+def _flatten_dyn(spec: tuple) -> list[dict]:
+    out: list[dict] = []
+    for s in spec:
+        if isinstance(s, tuple):
+            out.extend(s)
+        else:
+            out.append(s)
+    return out
+
+
+def _flatten_args(args: tuple) -> list[Tensor]:
+    out: list[Tensor] = []
+    for a in args:
+        out.extend(a if isinstance(a, tuple) else [a])
+    return out
+
+
+def graph_exports(
+    models: MindHier, dtype: torch.dtype = torch.float32, subjects: list[str] | None = None
+) -> list[GraphExport]:
+    """The graphs of a bundle with example inputs (2 rows) and their symbolic axes."""
+    from torch.export import Dim
+
+    cfg, sched = models.cfg, models.cfg.schedule
+    g, C, H = cfg.generator, cfg.generator.width, cfg.generator.heads
+    c, d, D, E = C // H, g.depth, cfg.context_dim, cfg.latent_dim
+    M, T, L, n = sched.n_levels, sched.context_tokens, sched.total_tokens, sched.last_side
+    rows = Dim("rows", min=1, max=1 << 16)
+    tokens = Dim("tokens", min=1, max=L)
+    past = Dim("past", min=0, max=L)
+    B = 2
+    f = {"dtype": dtype}
+    exports = []
+    for subject, voxels in cfg.encoder.subjects:
+        if subjects is not None and subject not in subjects:
+            continue
+        exports.append(
+            GraphExport(
+                f"encoder_{subject}",
+                EncoderGraph(models.encoder, subject),
+                (torch.zeros(B, voxels, **f),),
+                ["voxels"],
+                ["pooled", "context"],
+                ({0: rows},),
+            )
+        )
+    cross_names = [f"cross.{j}.{kv}" for j in range(d) for kv in ("key", "value")]
+    exports.append(
+        GraphExport(
+            "context",
+            ContextGraph(models.generator),
+            (torch.randn(B, D, **f), torch.randn(B, M * T, D, **f)),
+            ["pooled", "context"],
+            ["start", "ada_blocks", "ada_head", *cross_names],
+            ({0: rows}, {0: rows}),
+        )
+    )
+    # trace the step at a scale with >= 2 tokens and >= 2 past tokens so no axis is specialised to 0 / 1
+    i = 2 if sched.n_scales > 2 else sched.n_scales - 1
+    l, off = sched.token_counts[i], sched.offsets[i]
+    step_args: list[Tensor] = [
+        torch.randn(B, l, C, **f),
+        models.generator.rope_cos_LP[off : off + l].to(dtype),
+        models.generator.rope_sin_LP[off : off + l].to(dtype),
+        torch.randn(d, B, 6, C, **f),
+        torch.randn(B, 2, C, **f),
+    ]
+    kv_args = [torch.randn(B, H, T, c, **f) for _ in range(2 * d)]
+    kv_dyn = [{0: rows} for _ in range(2 * d)]
+    step_inputs = ["h", "rope.cos", "rope.sin", "ada_blocks", "ada_head", *cross_names]
+    step_outputs = ["logits"]
+    if g.attn_mode == "block_causal":
+        kv_args += [torch.randn(B, H, off, c, **f) for _ in range(2 * d)]
+        kv_dyn += [{0: rows, 2: past} for _ in range(2 * d)]
+        step_inputs += [f"past_key_values.{j}.{kv}" for j in range(d) for kv in ("key", "value")]
+        step_outputs += [f"present.{j}.{kv}" for j in range(d) for kv in ("key", "value")]
+    exports.append(
+        GraphExport(
+            "generator_step",
+            StepGraph(models.generator),
+            (*step_args, *kv_args),
+            step_inputs,
+            step_outputs,
+            ({0: rows, 1: tokens}, {0: tokens}, {0: tokens}, {1: rows}, {0: rows}, tuple(kv_dyn)),
+        )
+    )
+    for i, count in enumerate(sched.token_counts):
+        last = i == sched.n_scales - 1
+        exports.append(
+            GraphExport(
+                f"update_{i}",
+                UpdateGraph(models.vqvae, models.generator, i),
+                (torch.zeros(B, E, n, n, **f), torch.zeros(B, count, dtype=torch.long)),
+                ["f_hat", "idx"],
+                ["f_hat_next"] if last else ["f_hat_next", "h_next"],
+                ({0: rows}, {0: rows}),
+            )
+        )
+    exports.append(
+        GraphExport(
+            "vq_decoder",
+            DecoderGraph(models.vqvae),
+            (torch.zeros(B, E, n, n, **f),),
+            ["f_hat"],
+            ["image"],
+            ({0: rows},),
+        )
+    )
+    return exports
+
+
+def _export_one(spec: GraphExport, path: Path) -> dict[str, Any]:
+    """Export one graph to ``path`` (external data beside it when large); return its manifest entry."""
+    spec.module.eval()
+    weight_bytes = sum(t.numel() * t.element_size() for t in spec.module.state_dict().values())
+    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
+        program = torch.onnx.export(
+            spec.module, spec.args, dynamo=True, opset_version=OPSET, input_names=spec.inputs,
+            output_names=spec.outputs, dynamic_shapes=spec.dynamic_shapes, optimize=True, verbose=False,
+        )  # fmt: skip
+        external = weight_bytes > EXTERNAL_DATA_BYTES
+        program.save(str(path), external_data=external)
+        outs = spec.module(*spec.args)
+    axis_names = {0: "rows"}
+    ins = []
+    for name, t, dyn in zip(spec.inputs, _flatten_args(spec.args), _flatten_dyn(spec.dynamic_shapes), strict=True):
+        ins.append(_tensor_spec(name, t, {a: dim.__name__ for a, dim in dyn.items()}))
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    out_specs = []
+    for name, t in zip(spec.outputs, outs, strict=True):
+        dims = dict(axis_names)
+        if spec.name == "context" and name not in ("start", "ada_head"):
+            dims = {1: "rows"}  # ada_blocks [depth, rows, 6, C]; cross [M, rows, H, T, c]
+        if spec.name == "generator_step":
+            dims = {0: "rows", 1: "tokens"} if name == "logits" else {0: "rows", 2: "past+tokens"}
+        out_specs.append(_tensor_spec(name, t, dims))
+    check_graph(path)
+    entry: dict[str, Any] = {"file": path.name, "inputs": ins, "outputs": out_specs}
+    if external:
+        entry["external_data"] = path.name + ".data"
+    return entry
+
+
+def scale_table(models: MindHier) -> list[dict[str, int]]:
+    s = models.cfg.schedule
+    return [
+        {
+            "scale": i,
+            "patch_num": s.patch_nums[i],
+            "tokens": s.token_counts[i],
+            "offset": s.offsets[i],
+            "past": s.cached_lengths[i] if models.cfg.generator.attn_mode == "block_causal" else 0,
+            "segment": s.segment_of_scale[i],
+            "level": s.level_of_scale[i],
+            "phi": s.phi_index[i],
+        }
+        for i in range(s.n_scales)
+    ]
+
+
+def export_bundle(
+    models: MindHier,
+    out: Path,
+    dtype: str = "float32",
+    batch: int = 1,
+    samples: int = 1,
+    sampling: SamplingConfig | None = None,
+    source: str | None = None,
+    on_graph: Callable[[str], None] | None = None,
+    subjects: list[str] | None = None,
+) -> Bundle:
+    """Write the bundle of ``models`` into ``out``; returns it opened (checksums verified).
+
+    ``subjects`` limits the encoder graphs to those subjects (default: every subject of the config).
+    """
+    try:
+        import onnx
+        import onnxscript
+    except ImportError as e:
+        raise BackendError(f"ONNX export needs the onnx extra: pip install 'mindhier-rt[onnx]' ({e})") from e
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if batch < 1 or samples < 1:
+        raise ConfigError(f"batch and samples must be >= 1, got {batch} and {samples}")
+    sampling = sampling or SamplingConfig()
+    known = [s for s, _ in models.cfg.encoder.subjects]
+    unknown = sorted(set(subjects or ()) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown subject(s) {', '.join(unknown)}; this model knows: {', '.join(known)}")
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("*.onnx")) + list(out.glob("*.onnx.data")):
+        stale.unlink()
+    models = models.eval()
+    if dtype != "float32":
+        models = _half_models(models, DTYPES[dtype])
+    graphs: dict[str, Any] = {}
+    for spec in graph_exports(models, DTYPES[dtype], subjects):
+        if on_graph:
+            on_graph(spec.name)
+        graphs[spec.name] = _export_one(spec, out / f"{spec.name}.onnx")
+    np.save(out / "rope_cos.npy", models.generator.rope_cos_LP.float().numpy())
+    np.save(out / "rope_sin.npy", models.generator.rope_sin_LP.float().numpy())
+    cfg = models.cfg
+    rows = batch * samples * (2 if sampling.cfg_scale > 0 else 1)
+    manifest = {
+        "config": cfg.to_dict(),
+        "schedule": cfg.schedule.to_dict(),
+        "scales": scale_table(models),
+        "subjects": {s: v for s, v in cfg.encoder.subjects if subjects is None or s in subjects},
+        "dtype": dtype,
+        "batch": {"scans": batch, "samples": samples, "rows": rows},
+        "sampling": sampling.to_dict(),
+        "graphs": graphs,
+        "tables": {"rope_cos": "rope_cos.npy", "rope_sin": "rope_sin.npy"},
+        "decode_loop": DECODE_LOOP,
+        "source": source,
+        "versions": {
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxscript": getattr(onnxscript, "__version__", "?"),
+            "opset": OPSET,
+            "exporter": "torch.onnx.export(dynamo=True)",
+            "python": platform.python_version(),
+        },
+    }
+    write_manifest(out, manifest)
+    return Bundle.open(out)
+
+
+def _half_models(models: MindHier, dtype: torch.dtype) -> MindHier:
+    import copy
+
+    half = copy.deepcopy(models)
+    for m in half.modules().values():
+        m.to(dtype)
+    return half

@@ -1,0 +1,160 @@
+"""The ONNX Runtime backend: runs an engine bundle's graphs, no PyTorch models needed.
+
+Inputs and outputs are bound with IOBinding. On CPU the numpy buffers are handed over without copies
+and the segment of the context cache a scale reads is a contiguous view (the cache is segment-major).
+The CUDA execution provider is used where onnxruntime-gpu is installed and ``providers`` asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mindhier_rt.bundle import Bundle
+from mindhier_rt.errors import BackendError, InputError
+
+log = logging.getLogger(__name__)
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise BackendError(
+            "the onnxruntime backend needs onnxruntime: pip install 'mindhier-rt[onnx]' "
+            "(or onnxruntime-gpu for the CUDA execution provider)"
+        ) from e
+    return onnxruntime
+
+
+@dataclass
+class OrtState:
+    start: np.ndarray  # [B, 1, C]
+    ada_blocks: np.ndarray  # [depth, B, 6, C]
+    ada_head: np.ndarray  # [B, 2, C]
+    cross: list[np.ndarray]  # 2 * depth arrays [M, B, H, T, c] (key, value per layer)
+    past: list[np.ndarray] | None  # block-causal: 2 * depth arrays [B, H, past, c]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self, bundle: Bundle | str | Path, providers: list[str] | None = None, threads: int | None = None
+    ) -> None:
+        ort = _ort()
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.cfg = self.bundle.cfg
+        self.device = torch.device("cpu")
+        self.providers = providers or ["CPUExecutionProvider"]
+        missing = [p for p in self.providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BackendError(
+                f"onnxruntime here offers {', '.join(ort.get_available_providers())}, not {', '.join(missing)}"
+            )
+        self.options = ort.SessionOptions()
+        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            self.options.intra_op_num_threads = threads
+        self._sessions: dict[str, object] = {}
+        self.dtype = np.dtype(self.bundle.manifest["dtype"])
+        tables = self.bundle.manifest["tables"]
+        self.rope_cos = np.load(self.bundle.path(tables["rope_cos"])).astype(self.dtype)
+        self.rope_sin = np.load(self.bundle.path(tables["rope_sin"])).astype(self.dtype)
+        self.block_causal = self.cfg.generator.attn_mode == "block_causal"
+        g = self.cfg.generator
+        self._empty_past = (g.heads, g.head_dim)
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    def session(self, name: str):
+        if name not in self._sessions:
+            ort = _ort()
+            path = self.bundle.path(self.bundle.graph(name)["file"])
+            self._sessions[name] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+        return self._sessions[name]
+
+    def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        sess = self.session(name)
+        binding = sess.io_binding()
+        for key, value in feeds.items():
+            binding.bind_cpu_input(key, np.ascontiguousarray(value))
+        for out in sess.get_outputs():
+            binding.bind_output(out.name, "cpu")
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()
+
+    def _in(self, t: Tensor) -> np.ndarray:
+        return t.detach().cpu().numpy().astype(self.dtype, copy=False)
+
+    @staticmethod
+    def _out(a: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).float()
+
+    # ---- the decode contract ---------------------------------------------------------------------
+    def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
+        self.bundle.encoder_graph(subject)
+        expected = self.bundle.manifest["subjects"][subject]
+        if voxels_BV.ndim != 2 or voxels_BV.shape[1] != expected:
+            raise InputError(
+                f"subject {subject} expects {expected} voxels per scan, got shape {tuple(voxels_BV.shape)}"
+            )
+        pooled, context = self.run(f"encoder_{subject}", {"voxels": self._in(voxels_BV)})
+        return self._out(pooled), self._out(context)
+
+    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor) -> OrtState:
+        start, ada_blocks, ada_head, *cross = self.run(
+            "context", {"pooled": self._in(pooled_BD), "context": self._in(context_BSD)}
+        )
+        past = None
+        if self.block_causal:
+            H, c = self._empty_past
+            past = [np.zeros((start.shape[0], H, 0, c), self.dtype) for _ in cross]
+        return OrtState(start, ada_blocks, ada_head, cross, past)
+
+    def select(self, state: OrtState, rows: slice) -> OrtState:
+        return OrtState(
+            start=state.start[rows],
+            ada_blocks=state.ada_blocks[:, rows],
+            ada_head=state.ada_head[rows],
+            cross=[np.ascontiguousarray(x[:, rows]) for x in state.cross],
+            past=None if state.past is None else [p[rows] for p in state.past],
+        )
+
+    def step(self, i: int, state: OrtState, x_BlC: Tensor | None) -> Tensor:
+        sched = self.cfg.schedule
+        tokens, segment = sched.scale_slice(i), sched.segment_of_scale[i]
+        h = state.start if i == 0 else self._in(x_BlC)
+        feeds = {
+            "h": h,
+            "rope.cos": self.rope_cos[tokens],
+            "rope.sin": self.rope_sin[tokens],
+            "ada_blocks": state.ada_blocks,
+            "ada_head": state.ada_head,
+        }
+        for j in range(len(state.cross) // 2):
+            feeds[f"cross.{j}.key"] = state.cross[2 * j][segment]
+            feeds[f"cross.{j}.value"] = state.cross[2 * j + 1][segment]
+            if state.past is not None:
+                feeds[f"past_key_values.{j}.key"] = state.past[2 * j]
+                feeds[f"past_key_values.{j}.value"] = state.past[2 * j + 1]
+        logits, *present = self.run("generator_step", feeds)
+        if state.past is not None:
+            state.past = present
+        return self._out(logits)
+
+    def empty_fhat(self, batch: int) -> Tensor:
+        n = self.cfg.schedule.last_side
+        return torch.zeros(batch, self.cfg.latent_dim, n, n)
+
+    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
+        outs = self.run(f"update_{i}", {"f_hat": self._in(f_hat_BEhw), "idx": idx_Bl.cpu().numpy().astype(np.int64)})
+        return self._out(outs[0]), (self._out(outs[1]) if len(outs) > 1 else None)
+
+    def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
+        (image,) = self.run("vq_decoder", {"f_hat": self._in(f_hat_BEhw)})
+        return self._out(image)

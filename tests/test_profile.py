@@ -1,0 +1,215 @@
+"""The cost model, the phase profiler, its table and the `profile` command."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from mindhier_rt import pipeline
+from mindhier_rt.config import PRESETS, preset
+from mindhier_rt.costs import (
+    attention_flops,
+    context_cost,
+    decode_costs,
+    decoder_cost,
+    encoder_cost,
+    linear_flops,
+    step_cost,
+    update_cost,
+)
+from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.profile import TimedBackend, _Timer, format_table, profile_backend, timed_sampling
+from mindhier_rt.runtime.torch_backend import TorchBackend
+from mindhier_rt.sampling import SamplingConfig
+
+# ---- cost model -----------------------------------------------------------------------------------
+
+
+def test_linear_and_attention_flops():
+    assert linear_flops(7, 3, 5) == 2 * 7 * 3 * 5
+    assert attention_flops(2, 4, 9, 16) == 4 * 2 * 4 * 9 * 16
+
+
+@pytest.mark.parametrize("i", [0, 2, 6])
+def test_step_linears_count_2_b_l_in_out(i):
+    cfg = preset("small")
+    g, B = cfg.generator, 4
+    l, C, d = cfg.schedule.token_counts[i], g.width, g.depth
+    parts = step_cost(cfg, B, i).flops_by_part
+    assert parts["qkv"] == d * 2 * B * l * C * 3 * C
+    assert parts["proj"] == parts["cross_q"] == parts["cross_proj"] == d * 2 * B * l * C * C
+    assert parts["ffn_gate"] == parts["ffn_up"] == parts["ffn_down"] == d * 2 * B * l * C * g.ffn_dim
+    assert parts["head"] == 2 * B * l * C * cfg.vocab_size
+    assert parts.get("word_embed", 0) == (0 if i == 0 else 2 * B * l * cfg.latent_dim * C)
+    assert parts["cross_attn"] == d * 4 * B * l * cfg.context_tokens * C
+    assert sum(parts.values()) == step_cost(cfg, B, i).flops
+
+
+def test_attention_scales_with_the_attended_length():
+    local = preset("small")
+    causal = local.replace(attn_mode="block_causal")
+    sched, d, C = local.schedule, local.generator.depth, local.generator.width
+    for i, l in enumerate(sched.token_counts):
+        a = step_cost(local, 2, i).flops_by_part["self_attn"]
+        b = step_cost(causal, 2, i).flops_by_part["self_attn"]
+        assert a == d * 4 * 2 * l * l * C  # own scale only
+        assert b == d * 4 * 2 * l * (sched.offsets[i] + l) * C  # cached + own
+        if i > 0:
+            assert step_cost(causal, 2, i).flops > step_cost(local, 2, i).flops
+            assert step_cost(causal, 2, i).cache_bytes > step_cost(local, 2, i).cache_bytes
+
+
+def test_costs_are_linear_in_rows_and_follow_the_dtype():
+    cfg = preset("tiny")
+    for fn in (lambda r: decoder_cost(cfg, r), lambda r: update_cost(cfg, r, 1), lambda r: step_cost(cfg, r, 2)):
+        assert fn(6).flops == 3 * fn(2).flops
+    c32, c16 = step_cost(cfg, 2, 3, "float32"), step_cost(cfg, 2, 3, "float16")
+    assert c32.flops == c16.flops and c32.bytes == 2 * c16.bytes
+
+
+def test_decoder_cost_counts_every_conv():
+    cfg = preset("tiny")
+    n, E = cfg.schedule.last_side, cfg.latent_dim
+    cost = decoder_cost(cfg, 1)
+    post_quant = 2 * n * n * E * E * 9
+    conv_out = 2 * cfg.image_size**2 * 3 * cfg.vqvae.ch * 9
+    assert cost.flops_by_part["conv"] > post_quant + conv_out
+    assert cost.flops_by_part["attn"] > 0
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("mode", ["scale_local", "block_causal"])
+def test_totals_positive_and_finite_for_every_preset(name, mode):
+    cfg = preset(name).replace(attn_mode=mode)
+    costs = decode_costs(cfg, scans=2, samples=2)
+    phases = [costs.encode, costs.context, *costs.steps, *costs.updates, costs.decode, costs.total]
+    for c in phases:
+        assert c.flops > 0 and c.bytes > 0, c.name
+        assert math.isfinite(c.intensity) and c.intensity > 0, c.name
+    assert costs.context.rows == 8 and costs.steps[0].rows == 8 and costs.updates[0].rows == 4
+    assert costs.encode.flops == encoder_cost(cfg, 2).flops + encoder_cost(cfg, 1).flops
+    assert context_cost(cfg, 8).flops == costs.context.flops
+    json.dumps(costs.to_dict())
+
+
+def test_guidance_switched_off_halves_the_step_rows():
+    cfg = preset("tiny")
+    costs = decode_costs(cfg, 1, sampling=SamplingConfig(cfg_stop=2))
+    assert [c.rows for c in costs.steps] == [2, 2, 1, 1]
+    assert decode_costs(cfg, 1, sampling=SamplingConfig(cfg_scale=0.0)).context.rows == 1
+
+
+# ---- profiler -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    return MindHier.from_config(preset("tiny"), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def torch_result(tiny_models):
+    return profile_backend(TorchBackend(tiny_models), "subj01", 2, 1, SamplingConfig(seed=1), repeats=2, warmup=1)
+
+
+def test_profile_times_every_scale(torch_result):
+    r, K = torch_result, preset("tiny").schedule.n_scales
+    names = [p["name"] for p in r["phases"]]
+    assert names[:2] == ["encode", "context"] and names[-1] == "end to end"
+    for i in range(K):
+        assert f"step {i}" in names and f"update {i}" in names
+        scale = r["scales"][i]
+        assert scale["step"]["median_ms"] > 0 and scale["update"]["median_ms"] > 0
+        assert scale["sample"]["median_ms"] > 0
+    assert [s["step_rows"] for s in r["scales"]] == [4] * K  # 2 scans, guided
+    by_name = {p["name"]: p for p in r["phases"]}
+    e2e = r["end_to_end"]
+    assert e2e["min_ms"] <= e2e["median_ms"] <= e2e["max_ms"]
+    assert e2e["median_ms"] >= sum(by_name[f"step {i}"]["median_ms"] for i in range(K))
+    for name in ("encode", "context", "decode", "end to end", *(f"step {i}" for i in range(K))):
+        p = by_name[name]
+        assert p["flops"] > 0 and p["bytes"] > 0 and p["intensity"] > 0 and p["gflops_per_s"] > 0, name
+    assert r["memory"]["peak_bytes"] is None or r["memory"]["peak_bytes"] > 0
+    json.dumps(r)
+
+
+def test_proxy_forwards_and_sampling_patch_is_restored(tiny_models):
+    backend = TorchBackend(tiny_models)
+    timer = _Timer(backend.device)
+    proxy = TimedBackend(backend, timer)
+    assert proxy.name == "torch" and proxy.cfg is backend.cfg and proxy.empty_fhat(1).shape[0] == 1
+    original = pipeline.sample_tokens
+    with pytest.raises(RuntimeError), timed_sampling(timer):
+        assert pipeline.sample_tokens is not original
+        raise RuntimeError("boom")
+    assert pipeline.sample_tokens is original
+
+
+# ---- onnxruntime: one export for the whole file ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_models, tmp_path_factory):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from mindhier_rt.export.onnx_export import export_bundle
+
+    out = tmp_path_factory.mktemp("profile") / "bundle"
+    export_bundle(tiny_models, out)
+    return out
+
+
+def test_format_table_names_every_backend(torch_result, tiny_bundle):
+    from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    ort = profile_backend(OnnxRuntimeBackend(tiny_bundle), "subj01", 2, 1, SamplingConfig(seed=1), repeats=2)
+    assert [s["step"]["median_ms"] > 0 for s in ort["scales"]] == [True] * len(ort["scales"])
+    table = format_table([torch_result, ort])
+    assert "torch ms" in table and "onnxruntime ms" in table and "onnxruntime/torch" in table
+    for name in ("encode", "context", "step 3", "update 0", "decode", "end to end"):
+        assert name in table
+
+
+def test_cli_profiles_a_bundle(cli, tiny_bundle, tmp_path):
+    out = tmp_path / "ort.json"
+    code, stdout, err = cli("profile", "--engine", tiny_bundle, "--repeats", "1", "--warmup", "0", "--json", out)
+    assert code == 0, err
+    assert "onnxruntime ms" in stdout
+    report = json.loads(out.read_text())
+    assert [r["backend"] for r in report["results"]] == ["onnxruntime"]
+    assert report["ratio_onnxruntime_over_torch"] is None
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+
+def test_cli_profile_preset_writes_json(cli, tmp_path):
+    out = tmp_path / "sub" / "profile.json"
+    code, stdout, err = cli("profile", "--preset", "tiny", "--backend", "torch", "--repeats", "2", "--json", out)
+    assert code == 0, err
+    assert "torch ms" in stdout and "end to end" in stdout
+    report = json.loads(out.read_text())
+    assert set(report) >= {"machine", "settings", "results", "ratio_onnxruntime_over_torch"}
+    assert report["machine"]["cpu_count"] >= 1 and report["machine"]["torch"] == torch.__version__
+    assert report["settings"]["subject"] == "subj01" and report["settings"]["repeats"] == 2
+    (result,) = report["results"]
+    assert result["backend"] == "torch" and len(result["scales"]) == preset("tiny").schedule.n_scales
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--engine", "nowhere", "--backend", "torch"),
+        ("--backend", "torch"),
+        ("--preset", "tiny", "--ckpt", "x.safetensors"),
+        ("--preset", "tiny", "--backend", "tensorrt"),
+        ("--preset", "tiny", "--backend", "torch", "--export-dir", "d"),
+        ("--engine", "nowhere", "--export-dir", "d"),
+    ],
+)
+def test_cli_profile_bad_combinations(cli, args):
+    code, _, err = cli("profile", *args)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
