@@ -395,6 +395,8 @@ def demo(
     typer.echo(f"wrote {out / 'reconstructions.png'} and {out / 'metrics.json'}")
 
 
+# The default steps and learning rates of the train commands are the demo's recipe (DemoSettings);
+# tests/test_train.py checks that they agree.
 train_app = typer.Typer(help="Train the VQ-VAE, stage 1 (encoder) or stage 2 (generator) on a data folder.")
 app.add_typer(train_app, name="train")
 
@@ -464,7 +466,7 @@ def train_stage1_cmd(
     out: RunOpt,
     init: InitOpt = None,
     preset_name: PresetOpt = "demo",
-    steps: StepsOpt = 400,
+    steps: StepsOpt = 1500,
     batch_size: StepsOpt = 32,
     lr: float = 1e-3,
     seed: int = 0,
@@ -497,7 +499,7 @@ def train_stage2_cmd(
     init: InitOpt = None,
     steps: StepsOpt = 700,
     batch_size: StepsOpt = 32,
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     seed: int = 0,
     resume: ResumeOpt = True,
     cond_drop: Annotated[float, typer.Option(min=0.0, max=1.0, help="condition dropout for guidance")] = 0.1,

@@ -55,6 +55,7 @@ __all__ = [
     "decoder_cost",
     "dtype_bytes",
     "encoder_cost",
+    "guided_scales",
     "linear_flops",
     "step_cost",
     "update_cost",

@@ -41,9 +41,9 @@ class DemoSettings:
     n_train: int = 1200
     n_test: int = 100
     repeats: int = 3
-    vq_steps: int = 400
-    stage1_steps: int = 400
-    stage2_steps: int = 600
+    vq_steps: int = 500
+    stage1_steps: int = 1500
+    stage2_steps: int = 700
     batch_size: int = 32
     vq_lr: float = 2e-3
     stage1_lr: float = 1e-3

@@ -26,7 +26,7 @@ from torch import Tensor
 
 import mindhier_rt.pipeline as pipeline
 from mindhier_rt.costs import Cost, decode_costs
-from mindhier_rt.errors import ConfigError
+from mindhier_rt.errors import ConfigError, InputError
 from mindhier_rt.runtime.base import DecodeBackend
 from mindhier_rt.sampling import SamplingConfig
 
@@ -224,6 +224,8 @@ def profile_backend(
     if voxels is None:
         gen = torch.Generator().manual_seed(seed)
         voxels = torch.randn(batch, cfg.encoder.voxel_count(subject), generator=gen)
+    elif voxels.ndim != 2 or voxels.shape[0] != batch:
+        raise InputError(f"expected voxels [batch={batch}, voxels], got shape {tuple(voxels.shape)}")
     costs = decode_costs(cfg, batch, samples, sampling, subject, _backend_dtype(backend))
 
     timer = _Timer(backend.device)

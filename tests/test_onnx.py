@@ -40,9 +40,10 @@ def exported(request, tmp_path_factory):
 
         models.save(folder / "model.safetensors")
         argv = ["mindhier-rt", "export", "--ckpt", str(folder / "model.safetensors"), "--out", str(folder / "bundle")]
-        with pytest.MonkeyPatch.context() as mp:
+        with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as done:
             mp.setattr("sys.argv", [*argv, "--batch", "2", "--samples", "2"])
             main()
+        assert done.value.code in (0, None)
         bundle = Bundle.open(folder / "bundle")
     else:
         bundle = export_bundle(models, folder / "bundle", batch=2, samples=2)

@@ -169,3 +169,21 @@ def test_train_commands_chain_and_resume(cli, tmp_path):
     assert code == 0, err
     ckpt = MindHier.load(tmp_path / "s2" / "model.safetensors")
     assert ckpt.cfg.name == "demo"
+
+
+def test_train_command_defaults_are_the_demo_recipe():
+    import inspect
+
+    from mindhier_rt import cli
+    from mindhier_rt.demo import DemoSettings
+
+    s = DemoSettings()
+    for fn, steps, lr in [
+        (cli.train_vqvae_cmd, s.vq_steps, s.vq_lr),
+        (cli.train_stage1_cmd, s.stage1_steps, s.stage1_lr),
+        (cli.train_stage2_cmd, s.stage2_steps, s.stage2_lr),
+    ]:
+        params = inspect.signature(fn).parameters
+        assert (params["steps"].default, params["lr"].default, params["batch_size"].default) == (
+            steps, lr, s.batch_size,
+        ), fn.__name__  # fmt: skip

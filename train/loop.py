@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -100,8 +101,18 @@ def _load_state(path: Path, modules: Mapping[str, nn.Module], opt, sched) -> int
             _, idx, name = key.split(".", 2)
             opt_state["state"].setdefault(int(idx), {})[name] = value
     opt.load_state_dict(opt_state)
-    sched.load_state_dict(json.loads(meta["scheduler"]))
-    return int(meta["step"])
+    step = int(meta["step"])
+    saved_steps = json.loads(meta["train_config"])["steps"]
+    if saved_steps == sched.total_steps or max(saved_steps, 2) == sched.total_steps:
+        sched.load_state_dict(json.loads(meta["scheduler"]))
+    elif step < sched.total_steps:
+        # a run extended (or shortened) on resume: follow the new schedule from the saved step
+        log.warning("%s: schedule length changed from %d to %d steps", path, saved_steps, sched.total_steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()" is intended here
+            sched.last_epoch = step - 1
+            sched.step()
+    return step
 
 
 def train_loop(

@@ -3,6 +3,11 @@
 Inputs and outputs are bound with IOBinding. On CPU the numpy buffers are handed over without copies
 and the segment of the context cache a scale reads is a contiguous view (the cache is segment-major).
 The CUDA execution provider is used where onnxruntime-gpu is installed and ``providers`` asks for it.
+
+Thread pools do not spin by default (``spinning=False``): the decode loop alternates ONNX Runtime calls
+with host work in PyTorch (guidance combine, token sampling), and worker threads that busy-wait after a
+run take the cores that work needs (and the next run waits for PyTorch's threads in turn). On a 2-core
+CPU that made the small preset's decode about 2.7x slower (``benchmarks/results/profile_small_cpu.md``).
 """
 
 from __future__ import annotations
@@ -45,7 +50,11 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(
-        self, bundle: Bundle | str | Path, providers: list[str] | None = None, threads: int | None = None
+        self,
+        bundle: Bundle | str | Path,
+        providers: list[str] | None = None,
+        threads: int | None = None,
+        spinning: bool = False,
     ) -> None:
         ort = _ort()
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
@@ -61,6 +70,8 @@ class OnnxRuntimeBackend:
         self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             self.options.intra_op_num_threads = threads
+        for pool in ("intra_op", "inter_op"):
+            self.options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
         self._sessions: dict[str, object] = {}
         self.dtype = np.dtype(self.bundle.manifest["dtype"])
         tables = self.bundle.manifest["tables"]
