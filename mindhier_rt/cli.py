@@ -472,10 +472,15 @@ def train_stage1_cmd(
     seed: int = 0,
     resume: ResumeOpt = True,
     teacher_seed: Annotated[int, typer.Option(help="seed of the frozen random-ViT teacher")] = 0,
+    teacher: Annotated[str, typer.Option(help="random-vit (synthetic data) or clip (CLIP ViT-L/14, real data)")] = (
+        "random-vit"
+    ),
+    clip_weights: Annotated[Path | None, typer.Option(help="local CLIP ViT-L/14 checkpoint for --teacher clip")] = None,
 ) -> None:
     """Align the encoder's levels to a frozen teacher's layer taps (hierarchical MSE + SoftCLIP).
 
-    The teacher is the frozen random ViT of the synthetic benchmark (no download).
+    Teachers: the frozen random ViT of the synthetic benchmark (no download), or CLIP ViT-L/14 through
+    open_clip with weights from a local file (needs the `train` extra and a 768-wide, 257-token config).
     """
     import torch
 
@@ -484,9 +489,23 @@ def train_stage1_cmd(
 
     ds, models = _train_setup(data, preset_name, init, ())
     images = torch.from_numpy(ds.images())
-    teacher = RandomViTTeacher(models.cfg, seed=teacher_seed)
-    levels = torch.cat([teacher.image_levels(images[i : i + 256]) for i in range(0, len(images), 256)])
-    text = HashTextTeacher(models.cfg, seed=teacher_seed).text_tokens(ds.captions())
+    cfg = models.cfg
+    if teacher == "clip":
+        from mindhier_rt.train.clip_teacher import ClipTeacher
+
+        if (cfg.context_dim, cfg.context_tokens, cfg.encoder.text_tokens) != (768, 257, 77):
+            raise InputError(
+                f"the CLIP teacher gives 257 x 768 image and 77 x 768 text tokens; preset {cfg.name} expects "
+                f"{cfg.context_tokens} x {cfg.context_dim} and {cfg.encoder.text_tokens} text tokens"
+            )
+        image_teacher = text_teacher = ClipTeacher(cfg.schedule.clip_layers, clip_weights)
+    elif teacher == "random-vit":
+        image_teacher = RandomViTTeacher(cfg, seed=teacher_seed)
+        text_teacher = HashTextTeacher(cfg, seed=teacher_seed)
+    else:
+        raise InputError(f"unknown teacher {teacher!r}; choose random-vit or clip")
+    levels = torch.cat([image_teacher.image_levels(images[i : i + 256]) for i in range(0, len(images), 256)])
+    text = text_teacher.text_tokens(ds.captions())
     train_stage1(models, load_trials(ds), levels, text, _tcfg(steps, batch_size, lr, seed), out, resume=resume)
     models.save(out / "model.safetensors")
     typer.echo(f"wrote {out / 'model.safetensors'}")

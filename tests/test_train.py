@@ -158,6 +158,8 @@ def test_train_commands_chain_and_resume(cli, tmp_path):
     code, _, err = cli("train", "stage2", "--data", data, "--out", tmp_path / "s2", *steps)
     assert code == 1 and "--init" in err  # stage 2 needs the earlier stages' weights
     s1 = ["train", "stage1", "--data", data, "--out", tmp_path / "s1", "--init", tmp_path / "vq" / "model.safetensors"]
+    code, _, err = cli(*s1, *steps, "--teacher", "clip", "--clip-weights", tmp_path / "clip.bin")
+    assert code == 1 and "257 x 768" in err  # the demo preset is not CLIP-sized
     assert cli(*s1, *steps)[0] == 0
     assert cli(*s1, "--steps", "3", "--batch-size", "4")[0] == 0  # resumes at step 2, runs one more
     log = [json.loads(line) for line in (tmp_path / "s1" / "stage1.log.jsonl").read_text().splitlines()]
