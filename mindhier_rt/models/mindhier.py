@@ -8,14 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mindhier_rt.checkpoint import load_part, read_checkpoint, save_checkpoint
+from mindhier_rt.checkpoint import PARTS, load_part, read_checkpoint, save_checkpoint
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.errors import CheckpointError
 from mindhier_rt.models.encoder import HierarchicalEncoder
 from mindhier_rt.models.generator import ScaleGenerator
 from mindhier_rt.models.vqvae import MultiScaleVQVAE
-
-PARTS = ("encoder", "generator", "vqvae")
 
 
 @dataclass
