@@ -3,14 +3,14 @@
 Every wrapper calls the same model code as eager decoding (``ScaleGenerator.blocks_step``,
 ``MultiScaleVQVAE.update_fhat`` ...), so the graphs cannot drift from the reference. Shapes:
 B batch rows (cond + uncond with guidance), l tokens of a scale, C width, H heads, c head dim,
-M levels, T tokens per level, D context width, P rotary pairs, E VQ latent, h = w finest grid side.
+M levels, T tokens per level, D context width, E VQ latent, h = w finest grid side.
 
 - ``encoder_<subject>``: voxels [B, V_s] -> pooled [B, D], context [B, M*T, D] (deep first)
 - ``context``: pooled, context -> start [B, 1, C], ada_blocks [depth, B, 6, C], ada_head [B, 2, C],
   cross.{j}.key / cross.{j}.value [M, B, H, T, c] per layer, segment-major so that the segment a
   scale reads is one contiguous block (a host binds a pointer offset, no copy).
 - ``generator_step``: one graph for every scale (the weights exist once): h [B, l, C], rope.cos/sin
-  [l, P], ada_blocks, ada_head, cross.{j}.key/value [B, H, T, c] of the scale's segment
+  [l, c], ada_blocks, ada_head, cross.{j}.key/value [B, H, T, c] of the scale's segment
   (block-causal: + past_key_values.{j}.key/value [B, H, past, c]) -> logits [B, l, V]
   (block-causal: + present.{j}.key/value [B, H, past + l, c]). l and past are the only axes that
   change with the scale; each is static for a given scale.
@@ -80,13 +80,13 @@ class StepGraph(nn.Module):
         self.depth = len(generator.blocks)
         self.block_causal = generator.cfg.generator.attn_mode == "block_causal"
 
-    def forward(self, h_BlC, rope_cos_lP, rope_sin_lP, ada_blocks, ada_head, *kv: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, h_BlC, rope_cos_lc, rope_sin_lc, ada_blocks, ada_head, *kv: Tensor) -> tuple[Tensor, ...]:
         d = self.depth
         cross = [(kv[2 * j], kv[2 * j + 1]) for j in range(d)]
         caches = None
         if self.block_causal:
             caches = [PastPresentKV(kv[2 * d + 2 * j], kv[2 * d + 2 * j + 1]) for j in range(d)]
-        logits = self.generator.blocks_step(h_BlC, rope_cos_lP, rope_sin_lP, ada_blocks, ada_head, cross, caches)
+        logits = self.generator.blocks_step(h_BlC, rope_cos_lc, rope_sin_lc, ada_blocks, ada_head, cross, caches)
         if caches is None:
             return (logits,)
         return (logits, *[t for c in caches for t in c.present])

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from mindhier_rt.bundle import Bundle, write_manifest
 from mindhier_rt.errors import BackendError, ConfigError
+from mindhier_rt.models.attention import explicit_attention
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.sampling import SamplingConfig
 
@@ -46,7 +47,8 @@ DECODE_LOOP = [
     "for scale i in 0..K-1:",
     "  if guidance stops at i (sampling.cfg_stop): keep the first `rows` rows of every state tensor",
     "  h = start at i = 0, else the `h_next` output of update_{i-1}",
-    "  generator_step(h, rope.cos/sin = rows offset_i .. offset_i + tokens_i of rope_*.npy, ada_blocks, ada_head,"
+    "  generator_step(h, rope.cos/sin = rows offset_i .. offset_i + tokens_i of rope_*.npy ([L, head_dim]:"
+    " cos repeated per rotary pair, sin signed (-sin, +sin) per pair), ada_blocks, ada_head,"
     " cross.{j}.key/value = segment `segment_i` of the context cache"
     " [, past_key_values.{j}.key/value = present of scale i-1 (empty at i = 0)]) -> logits [, present]",
     "  guided: logits = (1 + t_i) * logits[:rows] - t_i * logits[rows:], t_i = cfg_scale * i / (K - 1)",
@@ -133,8 +135,8 @@ def graph_exports(
     l, off = sched.token_counts[i], sched.offsets[i]
     step_args: list[Tensor] = [
         torch.randn(B, l, C, **f),
-        models.generator.rope_cos_LP[off : off + l].to(dtype),
-        models.generator.rope_sin_LP[off : off + l].to(dtype),
+        models.generator.rope_cos_Lc[off : off + l].to(dtype),
+        models.generator.rope_sin_Lc[off : off + l].to(dtype),
         torch.randn(d, B, 6, C, **f),
         torch.randn(B, 2, C, **f),
     ]
@@ -186,7 +188,12 @@ def _export_one(spec: GraphExport, path: Path) -> dict[str, Any]:
     """Export one graph to ``path`` (external data beside it when large); return its manifest entry."""
     spec.module.eval()
     weight_bytes = sum(t.numel() * t.element_size() for t in spec.module.state_dict().values())
-    with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with (
+        torch.no_grad(),
+        explicit_attention(),
+        contextlib.redirect_stdout(io.StringIO()),
+        warnings.catch_warnings(),
+    ):
         warnings.filterwarnings("ignore", message=".*axis name.*will not be used.*")
         program = torch.onnx.export(
             spec.module, spec.args, dynamo=True, opset_version=OPSET, input_names=spec.inputs,
@@ -272,8 +279,8 @@ def export_bundle(
         if on_graph:
             on_graph(spec.name)
         graphs[spec.name] = _export_one(spec, out / f"{spec.name}.onnx")
-    np.save(out / "rope_cos.npy", models.generator.rope_cos_LP.float().numpy())
-    np.save(out / "rope_sin.npy", models.generator.rope_sin_LP.float().numpy())
+    np.save(out / "rope_cos.npy", models.generator.rope_cos_Lc.float().numpy())
+    np.save(out / "rope_sin.npy", models.generator.rope_sin_Lc.float().numpy())
     cfg = models.cfg
     rows = batch * samples * (2 if sampling.cfg_scale > 0 else 1)
     manifest = {

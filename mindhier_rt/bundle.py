@@ -17,7 +17,7 @@ from mindhier_rt.errors import ConfigError, InputError, MindhierError
 from mindhier_rt.io import write_json
 
 FORMAT = "mindhier-rt-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rope tables are per head dim [L, c] (cos repeated, sin signed)
 
 
 class BundleError(MindhierError):

@@ -272,7 +272,7 @@ def profile(
     import tempfile
 
     from mindhier_rt.io import write_json
-    from mindhier_rt.profile import format_table, machine_info, profile_backend
+    from mindhier_rt.profile import format_table, machine_info, profile_backends
     from mindhier_rt.sampling import SamplingConfig
 
     names = _profile_plan(engine, preset_name, ckpt, backend, export_dir)
@@ -313,12 +313,10 @@ def profile(
         cfg = runners[0].cfg
         subject = subject or cfg.encoder.subjects[0][0]
         cfg.encoder.voxel_count(subject)  # ConfigError naming the known subjects
-        results = []
-        for runner in runners:
-            typer.echo(f"profiling {runner.name}: {repeats} runs after {warmup} warm-up ...", err=True)
-            results.append(
-                profile_backend(runner, subject, batch, samples, sampling, repeats=repeats, warmup=warmup, seed=seed)
-            )
+        typer.echo(f"profiling {', '.join(names)} in turns: {repeats} runs each after {warmup} warm-up ...", err=True)
+        results = profile_backends(
+            runners, subject, batch, samples, sampling, repeats=repeats, warmup=warmup, seed=seed
+        )
     medians = {r["backend"]: r["end_to_end"]["median_ms"] for r in results}
     ratio = medians["onnxruntime"] / medians["torch"] if {"torch", "onnxruntime"} <= medians.keys() else None
     machine = machine_info(device)

@@ -1,9 +1,10 @@
 """Phase-by-phase profiling of a decode backend through the one decode loop, ``pipeline.reconstruct``.
 
-``profile_backend`` wraps the backend in a proxy that times ``encode``, ``prepare`` (the context step),
+``profile_backends`` wraps each backend in a proxy that times ``encode``, ``prepare`` (the context step),
 ``step`` and ``update`` (per scale) and ``decode_image``, and forwards everything else untouched; token
 sampling is timed by patching ``mindhier_rt.pipeline.sample_tokens`` for the duration of the runs. Nothing
-in the pipeline or the backends changes, so the loop measured is the loop that decodes. Each phase is
+in the pipeline or the backends changes, so the loop measured is the loop that decodes. Several backends
+take turns run by run, so that they are compared over the same stretch of machine time. Each phase is
 reported as the median (and min, max) over ``repeats`` runs after ``warmup`` untimed runs, next to the
 cost model's FLOPs and bytes (``mindhier_rt.costs``), the arithmetic intensity and, from the median
 time, the achieved GFLOP/s and GB/s. ``format_table`` lays several backends' results side by side.
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 import mindhier_rt.pipeline as pipeline
+from mindhier_rt.config import ModelConfig
 from mindhier_rt.costs import Cost, decode_costs
 from mindhier_rt.errors import ConfigError, InputError
 from mindhier_rt.runtime.base import DecodeBackend
@@ -32,7 +34,7 @@ from mindhier_rt.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["format_table", "machine_info", "profile_backend"]
+__all__ = ["format_table", "machine_info", "profile_backend", "profile_backends"]
 
 
 class _Timer:
@@ -92,7 +94,7 @@ class TimedBackend:
 
 
 @contextlib.contextmanager
-def timed_sampling(timer: _Timer) -> Iterator[None]:
+def timed_sampling(timer: Callable[[str], contextlib.AbstractContextManager[None]]) -> Iterator[None]:
     """Patch ``mindhier_rt.pipeline.sample_tokens`` with a timed wrapper; restore it on exit."""
     original: Callable[..., Tensor] = pipeline.sample_tokens
 
@@ -196,6 +198,36 @@ def _backend_dtype(backend: DecodeBackend) -> str:
 
 
 # ---- the profiler ------------------------------------------------------------------------------
+class _Session:
+    """One backend's timer, timed proxy, memory probe and collected runs."""
+
+    def __init__(self, backend: DecodeBackend) -> None:
+        self.backend = backend
+        self.timer = _Timer(backend.device)
+        self.proxy = TimedBackend(backend, self.timer)
+        self.memory = _PeakMemory(backend.device)
+        self.mem: dict[str, Any] | None = None
+        self.runs: list[dict[str, float]] = []
+        self.e2e: list[float] = []
+
+    def run_once(self, voxels: Tensor, subject: str, sampling: SamplingConfig, samples: int, keep: bool) -> None:
+        first = self.mem is None
+        if first:
+            self.memory.reset()
+        self.timer.reset()
+        t0 = time.perf_counter()
+        pipeline.reconstruct(self.proxy, voxels, subject, sampling, samples=samples)
+        if self.backend.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        if first:
+            self.mem = self.memory.read()
+        if keep:
+            self.runs.append(dict(self.timer.seconds))
+            self.e2e.append(seconds)
+        log.debug("%s run: %.1f ms", self.backend.name, seconds * 1e3)
+
+
 def profile_backend(
     backend: DecodeBackend,
     subject: str,
@@ -207,46 +239,90 @@ def profile_backend(
     voxels: Tensor | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Time every phase of ``reconstruct`` on ``backend``: ``batch`` scans x ``samples`` draws each.
+    """``profile_backends`` of one backend."""
+    return profile_backends([backend], subject, batch, samples, sampling, repeats, warmup, voxels, seed)[0]
 
-    ``voxels`` default to seeded standard-normal voxels of ``subject``'s voxel count. Returns a JSON-ready
-    dict: settings, ``phases`` (a list of entries with ``name``, median/min/max ms and, where the cost model
-    covers the phase, flops, bytes, intensity, GFLOP/s and GB/s), ``scales`` (per scale: tokens, rows and
-    the step, update and sampling timings), ``end_to_end`` (median, min, max ms), ``memory`` and ``costs``.
+
+def profile_backends(
+    backends: list[DecodeBackend],
+    subject: str,
+    batch: int,
+    samples: int,
+    sampling: SamplingConfig,
+    repeats: int = 5,
+    warmup: int = 1,
+    voxels: Tensor | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Time every phase of ``reconstruct`` on each backend: ``batch`` scans x ``samples`` draws each.
+
+    The backends take turns: every round runs each of them once, the order rotating between rounds, so
+    that a machine whose speed drifts (shared VMs, turbo, thermals) slows them alike and the ratios hold.
+    ``voxels`` default to seeded standard-normal voxels of ``subject``'s voxel count. Returns one
+    JSON-ready dict per backend: settings, ``phases`` (a list of entries with ``name``, median/min/max ms
+    and, where the cost model covers the phase, flops, bytes, intensity, GFLOP/s and GB/s), ``scales``
+    (per scale: tokens, rows and the step, update and sampling timings), ``end_to_end`` (median, min, max
+    ms), ``memory`` (peak over the backend's first run) and ``costs``; every backend after the first also
+    gets ``paired_ratio``: the median over rounds of its end-to-end time over the first backend's.
     ``other`` is the loop's own work (guidance combine, concatenations, copies): end to end minus the rest.
     """
+    if not backends:
+        raise ConfigError("profile_backends needs at least one backend")
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if batch < 1 or samples < 1:
         raise ConfigError(f"batch and samples must be >= 1, got {batch} and {samples}")
-    cfg = backend.cfg
-    K = cfg.schedule.n_scales
+    cfg = backends[0].cfg
     if voxels is None:
         gen = torch.Generator().manual_seed(seed)
         voxels = torch.randn(batch, cfg.encoder.voxel_count(subject), generator=gen)
     elif voxels.ndim != 2 or voxels.shape[0] != batch:
         raise InputError(f"expected voxels [batch={batch}, voxels], got shape {tuple(voxels.shape)}")
-    costs = decode_costs(cfg, batch, samples, sampling, subject, _backend_dtype(backend))
 
-    timer = _Timer(backend.device)
-    proxy = TimedBackend(backend, timer)
-    memory = _PeakMemory(backend.device)
-    runs: list[dict[str, float]] = []
-    e2e: list[float] = []
-    with timed_sampling(timer):
-        memory.reset()
+    sessions = [_Session(b) for b in backends]
+    router = _TimerRouter()
+    with timed_sampling(router):
         for r in range(warmup + repeats):
-            timer.reset()
-            t0 = time.perf_counter()
-            pipeline.reconstruct(proxy, voxels, subject, sampling, samples=samples)
-            if backend.device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            if r >= warmup:
-                runs.append(dict(timer.seconds))
-                e2e.append(seconds)
-            log.debug("%s run %d: %.1f ms", backend.name, r, seconds * 1e3)
-    mem = memory.read()
+            k = r % len(sessions)
+            for session in sessions[k:] + sessions[:k]:
+                router.current = session.timer
+                session.run_once(voxels, subject, sampling, samples, keep=r >= warmup)
+    results = [_summarise(s, cfg, subject, batch, samples, sampling, repeats, warmup) for s in sessions]
+    for session, result in zip(sessions[1:], results[1:], strict=True):
+        ratios = [t / t0 for t, t0 in zip(session.e2e, sessions[0].e2e, strict=True)]
+        result["paired_ratio"] = {"to": results[0]["backend"], **_ratio_stats(ratios)}
+    return results
+
+
+def _ratio_stats(ratios: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
+class _TimerRouter:
+    """A timer that books into the timer of whichever session is running (for the patched sampler)."""
+
+    def __init__(self) -> None:
+        self.current: _Timer | None = None
+
+    def __call__(self, phase: str) -> contextlib.AbstractContextManager[None]:
+        assert self.current is not None
+        return self.current(phase)
+
+
+def _summarise(
+    session: _Session,
+    cfg: ModelConfig,
+    subject: str,
+    batch: int,
+    samples: int,
+    sampling: SamplingConfig,
+    repeats: int,
+    warmup: int,
+) -> dict[str, Any]:
+    backend, runs, e2e = session.backend, session.runs, session.e2e
+    K = cfg.schedule.n_scales
+    costs = decode_costs(cfg, batch, samples, sampling, subject, _backend_dtype(backend))
+    mem = {**(session.mem or {}), "over": "the backend's first run"}
 
     def series(name: str) -> list[float]:
         return [run.get(name, 0.0) for run in runs]
@@ -297,6 +373,7 @@ def profile_backend(
         "sampling": sampling.to_dict(),
         "repeats": repeats,
         "warmup": warmup,
+        "interleaved": True,
         "phases": phases,
         "scales": scales,
         "end_to_end": _stats(e2e),
@@ -368,6 +445,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"(min {e['min_ms']:.1f}, max {e['max_ms']:.1f}), {r['repeats']} runs after {r['warmup']} warm-up; "
             f"peak memory {peak} ({mem['kind']})"
         )
+        paired = r.get("paired_ratio")
+        if paired is not None:
+            out.append(
+                f"{r['backend']} / {paired['to']} end to end, paired by round: median {paired['median']:.3f} "
+                f"(min {paired['min']:.3f}, max {paired['max']:.3f})"
+            )
     return "\n".join(out)
 
 

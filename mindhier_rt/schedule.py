@@ -184,6 +184,25 @@ class Schedule:
         seg_S = torch.arange(self.context_length, device=device) // self.context_tokens
         return seg_L[:, None] == seg_S[None, :]
 
+    def key_ranges(self, kind: AttnMode | Literal["cross"]) -> tuple[tuple[int, int, int, int], ...]:
+        """The masks as ranges, per scale i: (query start, query end, key start, key end), ends exclusive.
+
+        Every mask of this model lets the queries of one scale see one contiguous run of keys: its own
+        scale (``scale_local``), the pyramid up to and including it (``block_causal``) or its context
+        segment (``cross``). Block-sparse kernels read these instead of the dense masks above.
+        """
+        if kind not in (*ATTN_MODES, "cross"):
+            raise ScheduleError(f"key ranges are for {(*ATTN_MODES, 'cross')}, got {kind!r}")
+        out = []
+        for i in range(self.n_scales):
+            q0, q1 = self.offsets[i], self.offsets[i + 1]
+            if kind == "cross":
+                ctx = self.context_slice(i)
+                out.append((q0, q1, ctx.start, ctx.stop))
+            else:
+                out.append((q0, q1, q0 if kind == "scale_local" else 0, q1))
+        return tuple(out)
+
     # ---- summary -------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         """Everything a host needs to run the loop; written into `info` output and bundle manifests."""

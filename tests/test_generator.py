@@ -109,3 +109,34 @@ def test_reference_size_on_meta():
         gen = ScaleGenerator(preset("mindhier-512"))
     n = sum(p.numel() for p in gen.parameters())
     assert abs(n - 2.32e9) / 2.32e9 < 0.015
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_explicit_attention_matches_sdpa(mode):
+    """The exported form of attention (plain matmul / softmax) equals eager SDPA, masks included."""
+    from mindhier_rt.models.attention import attention, explicit_attention
+
+    sched = preset("tiny").schedule
+    g = torch.Generator().manual_seed(1)
+    L, S = sched.total_tokens, sched.context_length
+    q = torch.randn(2, 2, L, 16, generator=g)
+    for k_len, mask in ((L, sched.self_attn_mask(mode)), (S, sched.cross_attn_mask()), (S, None)):
+        k, v = torch.randn(2, 2, k_len, 16, generator=g), torch.randn(2, 2, k_len, 16, generator=g)
+        eager = attention(q, k, v, mask, 0.3)
+        with explicit_attention():
+            explicit = attention(q, k, v, mask, 0.3)
+        assert max_rel_err(explicit, eager) < 1e-5
+
+
+def test_rope_tables_rotate_pairs():
+    """x * cos + pair_swap(x) * sin with the [L, c] tables is the pairwise rotation by the angles."""
+    from mindhier_rt.models.blocks import apply_rope, rope_angles, rope_tables
+
+    angles_LP = rope_angles(preset("tiny").schedule, 8, 10000.0, 16.0)
+    cos_Lc, sin_Lc = (t.float() for t in rope_tables(angles_LP))
+    x = torch.randn(3, angles_LP.shape[0], 8)
+    out = apply_rope(x, cos_Lc, sin_Lc)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    c, s = angles_LP.cos().float(), angles_LP.sin().float()
+    assert torch.equal(out[..., 0::2], x0 * c - x1 * s)
+    assert torch.equal(out[..., 1::2], x1 * c + x0 * s)

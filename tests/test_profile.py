@@ -19,7 +19,14 @@ from mindhier_rt.costs import (
     update_cost,
 )
 from mindhier_rt.models.mindhier import MindHier
-from mindhier_rt.profile import TimedBackend, _Timer, format_table, profile_backend, timed_sampling
+from mindhier_rt.profile import (
+    TimedBackend,
+    _Timer,
+    format_table,
+    profile_backend,
+    profile_backends,
+    timed_sampling,
+)
 from mindhier_rt.runtime.torch_backend import TorchBackend
 from mindhier_rt.sampling import SamplingConfig
 
@@ -144,6 +151,26 @@ def test_proxy_forwards_and_sampling_patch_is_restored(tiny_models):
         assert pipeline.sample_tokens is not original
         raise RuntimeError("boom")
     assert pipeline.sample_tokens is original
+
+
+def test_backends_take_turns_and_get_a_paired_ratio(tiny_models):
+    """Rounds run every backend once, the first backend rotating, so drift hits all of them alike."""
+    calls: list[str] = []
+
+    class Recording(TorchBackend):
+        def decode_image(self, f_hat_BEhw):  # once per run
+            calls.append(self.name)
+            return super().decode_image(f_hat_BEhw)
+
+    a, b = Recording(tiny_models), Recording(tiny_models)
+    a.name, b.name = "a", "b"
+    results = profile_backends([a, b], "subj01", 1, 1, SamplingConfig(seed=1), repeats=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [r["backend"] for r in results] == ["a", "b"]
+    assert "paired_ratio" not in results[0]
+    paired = results[1]["paired_ratio"]
+    assert paired["to"] == "a" and paired["min"] <= paired["median"] <= paired["max"]
+    assert all(len(r["scales"]) == preset("tiny").schedule.n_scales for r in results)
 
 
 # ---- onnxruntime: one export for the whole file ---------------------------------------------------

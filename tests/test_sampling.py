@@ -21,6 +21,7 @@ from mindhier_rt.sampling import (
     guidance_weight,
     hash_key,
     sample_tokens,
+    stable_top_k,
     uniforms,
 )
 
@@ -446,3 +447,22 @@ def test_cuda_matches_cpu():
         # float64 cumulative sums may differ in the last ulp (parallel scan); a token can differ only when
         # a draw lands within ulps of a boundary, which these draws do not.
         assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "minus_inf"])
+@pytest.mark.parametrize("k", [1, 3, 8, 100, 255, 256])
+def test_stable_top_k_equals_the_full_stable_sort(kind: str, k: int) -> None:
+    """Both paths: topk + tie repair (k <= V / 8) and the full sort (larger k)."""
+    gen = torch.Generator().manual_seed(k)
+    if kind == "distinct":
+        x = torch.randn(3, 17, 256, generator=gen)
+    elif kind == "ties":  # few distinct values: ties across the top-k cut in most rows
+        x = torch.randint(0, 4, (3, 17, 256), generator=gen).float()
+    else:
+        x = torch.randn(3, 17, 256, generator=gen)
+        x[torch.rand(x.shape, generator=gen) < 0.7] = float("-inf")
+        x[..., 5] = 0.0  # every row keeps a finite value
+    vals, idx = stable_top_k(x, k)
+    full_vals, full_idx = torch.sort(x, dim=-1, descending=True, stable=True)
+    assert torch.equal(idx, full_idx[..., :k])
+    assert torch.equal(vals, full_vals[..., :k])

@@ -1,5 +1,7 @@
 """Property tests of the scale schedule (the one source of patch_nums arithmetic)."""
 
+import itertools
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -83,3 +85,15 @@ def test_invalid_schedules_raise(kwargs):
         Schedule(**{**base, **kwargs})
     with pytest.raises(ScheduleError, match="attention mode"):
         sched().self_attn_mask("global")
+
+
+@pytest.mark.parametrize("kind", ["scale_local", "block_causal", "cross"])
+@pytest.mark.parametrize("guidance", ["coarse_to_fine", "fine_to_coarse"])
+def test_key_ranges_are_the_masks(kind, guidance):
+    sched = Schedule(PATCH_NUMS_256, n_levels=4, context_tokens=5, guidance=guidance)
+    mask = sched.cross_attn_mask() if kind == "cross" else sched.self_attn_mask(kind)
+    from_ranges = torch.zeros_like(mask)
+    for q0, q1, k0, k1 in sched.key_ranges(kind):
+        from_ranges[q0:q1, k0:k1] = True
+    assert torch.equal(from_ranges, mask)
+    assert [r[:2] for r in sched.key_ranges(kind)] == list(itertools.pairwise(sched.offsets))

@@ -3,9 +3,9 @@
 Axis legend: B batch, l tokens of the current scale(s), L tokens of the whole pyramid, C width,
 H heads, c head dim, S context tokens, D context width, P rotary pairs per head (c / 2).
 
-Attention is written on ``F.scaled_dot_product_attention`` with boolean masks (True = may attend) so the
-same code serves the teacher-forced pass (full pyramid, schedule masks) and the per-scale decode step
-(one scale, a context segment and, in block-causal mode, a self-attention K/V cache).
+Attention goes through ``models.attention.attention`` with boolean masks (True = may attend) so the same
+code serves the teacher-forced pass (full pyramid, schedule masks) and the per-scale decode step (one
+scale, a context segment and, in block-causal mode, a self-attention K/V cache).
 """
 
 from __future__ import annotations
@@ -16,11 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mindhier_rt.models.attention import attention
 from mindhier_rt.schedule import Schedule
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in float32."""
+    """Root-mean-square norm with a learned gain, computed in float32.
+
+    Written as x / sqrt(mean(x^2) + eps) * gain: the exported pattern (Pow, ReduceMean, Add, Sqrt, Div, Mul)
+    is the one ONNX Runtime fuses into a single SimplifiedLayerNormalization kernel.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -29,7 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (y * self.weight.float()).to(x.dtype)
 
 
@@ -56,12 +61,27 @@ def rope_angles(schedule: Schedule, head_dim: int, theta: float, grid: float) ->
     return torch.cat(per_scale, dim=0)
 
 
-def apply_rope(x_BHlc: Tensor, cos_lP: Tensor, sin_lP: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of the head dim by the given angles."""
-    x_pairs = x_BHlc.unflatten(-1, (-1, 2))
-    x0, x1 = x_pairs[..., 0], x_pairs[..., 1]
-    out = torch.stack((x0 * cos_lP - x1 * sin_lP, x0 * sin_lP + x1 * cos_lP), dim=-1)
-    return out.flatten(-2).type_as(x_BHlc)
+def rope_tables(angles_LP: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-dim rotary tables [L, c] from the pair angles: cos repeated per pair, sin signed (-sin, +sin).
+
+    With them a rotation is two multiplies and an add (``apply_rope``), and every consumer (eager
+    decoding, the exported step graph, a C++ host) slices the same rows for a scale.
+    """
+    cos_LP, sin_LP = angles_LP.cos(), angles_LP.sin()
+    cos_Lc = torch.stack((cos_LP, cos_LP), dim=-1).flatten(-2)
+    sin_Lc = torch.stack((-sin_LP, sin_LP), dim=-1).flatten(-2)
+    return cos_Lc, sin_Lc
+
+
+def apply_rope(x: Tensor, cos_c: Tensor, sin_c: Tensor) -> Tensor:
+    """Rotate adjacent pairs (x[2j], x[2j+1]) of the last axis by the tables of ``rope_tables``.
+
+    out[2j] = x[2j] cos - x[2j+1] sin, out[2j+1] = x[2j+1] cos + x[2j] sin: the pair-swapped x times the
+    signed sin table. The tables broadcast against x (the caller lines up the token axis).
+    """
+    even, odd = x.unflatten(-1, (-1, 2)).split(1, dim=-1)
+    swapped = torch.cat((odd, even), dim=-1).flatten(-2)  # Split + Concat: far cheaper in ONNX Runtime than a flip
+    return (x * cos_c + swapped * sin_c).type_as(x)
 
 
 class SelfKVCache:
@@ -96,21 +116,23 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x_BlC: Tensor,
-        cos_lP: Tensor,
-        sin_lP: Tensor,
+        cos_lc: Tensor,
+        sin_lc: Tensor,
         mask_ll: Tensor | None = None,
         cache: SelfKVCache | None = None,
         offset: int = 0,
     ) -> Tensor:
         B, l, C = x_BlC.shape
-        q_BlC, k_BlC, v_BlC = self.to_qkv(x_BlC).chunk(3, dim=-1)
-        width = self.heads * self.head_dim
-        q_BlC, k_BlC = layer_norm_no_affine(q_BlC, width, self.eps), layer_norm_no_affine(k_BlC, width, self.eps)
-        q, k, v = (t.view(B, l, self.heads, self.head_dim).transpose(1, 2) for t in (q_BlC, k_BlC, v_BlC))
-        q, k = apply_rope(q, cos_lP, sin_lP), apply_rope(k, cos_lP, sin_lP)
+        H, c = self.heads, self.head_dim
+        qkv_Bl3C = self.to_qkv(x_BlC).view(B, l, 3, C)
+        # q and k share the LayerNorm (per row) and the rotation: one op each for both.
+        qk_Bl2C = layer_norm_no_affine(qkv_Bl3C[:, :, :2], C, self.eps)
+        qk_Bl2Hc = apply_rope(qk_Bl2C.view(B, l, 2, H, c), cos_lc[:, None, None], sin_lc[:, None, None])
+        q, k = qk_Bl2Hc.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, l, c] each
+        v = qkv_Bl3C[:, :, 2].view(B, l, H, c).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(offset, k, v)
-        o_BHlc = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_ll, scale=1 / math.sqrt(self.head_dim))
+        o_BHlc = attention(q, k, v, mask_ll, 1 / math.sqrt(c))
         return self.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
 
 
@@ -138,9 +160,7 @@ class CrossAttention(nn.Module):
             .view(B, l, self.heads, self.head_dim)
             .transpose(1, 2)
         )
-        o_BHlc = F.scaled_dot_product_attention(
-            q, k_BHSc, v_BHSc, attn_mask=mask_lS, scale=1 / math.sqrt(self.head_dim)
-        )
+        o_BHlc = attention(q, k_BHSc, v_BHSc, mask_lS, 1 / math.sqrt(self.head_dim))
         return self.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
 
 
@@ -194,8 +214,8 @@ class SwittiBlock(nn.Module):
         self,
         x_BlC: Tensor,
         ada_B6C: Tensor,
-        cos_lP: Tensor,
-        sin_lP: Tensor,
+        cos_lc: Tensor,
+        sin_lc: Tensor,
         ctx_k_BHSc: Tensor,
         ctx_v_BHSc: Tensor,
         self_mask: Tensor | None = None,
@@ -203,9 +223,9 @@ class SwittiBlock(nn.Module):
         cache: SelfKVCache | None = None,
         offset: int = 0,
     ) -> Tensor:
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B6C.unsqueeze(2).unbind(1)  # each [B, 1, C]
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B6C.split(1, dim=1)  # each [B, 1, C]
         h = self.self_attention_norm1(x_BlC) * (1 + scale1) + shift1
-        x_BlC = x_BlC + self.self_attention_norm2(self.attn(h, cos_lP, sin_lP, self_mask, cache, offset)) * gamma1
+        x_BlC = x_BlC + self.self_attention_norm2(self.attn(h, cos_lc, sin_lc, self_mask, cache, offset)) * gamma1
         h = self.cross_attn(self.cross_attention_norm1(x_BlC), ctx_k_BHSc, ctx_v_BHSc, cross_mask)
         x_BlC = x_BlC + self.cross_attention_norm2(h)
         h = self.ffn_norm1(x_BlC) * (1 + scale2) + shift2
@@ -225,7 +245,7 @@ class AdaLNBeforeHead(nn.Module):
         return self.ada_lin(cond_BC).view(-1, 2, self.width)
 
     def forward(self, x_BlC: Tensor, ada_B2C: Tensor) -> Tensor:
-        scale, shift = ada_B2C.unsqueeze(2).unbind(1)
+        scale, shift = ada_B2C.split(1, dim=1)
         return layer_norm_no_affine(x_BlC, self.width, self.eps) * (1 + scale) + shift
 
 

@@ -15,7 +15,7 @@ Structure:
   same voxel tokens, then LayerNorm and a Linear D -> D text projection -> [B, text_tokens, D].
 * Pooled feature: the mean of the terminal level e_M over its T tokens -> [B, D].
 
-The decoder layer is written with plain Linear, LayerNorm, GELU and ``F.scaled_dot_product_attention`` so that
+The decoder layer is written with plain Linear, LayerNorm, GELU and ``models.attention.attention`` so that
 the graph exports cleanly to ONNX / TensorRT.
 
 Axis letters: B batch, V voxels of one subject, N voxel tokens, M levels, T tokens per level (context_tokens),
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.errors import ConfigError, InputError
+from mindhier_rt.models.attention import attention
 
 
 @dataclass
@@ -58,7 +59,7 @@ class EncoderOutput:
 
 
 class _Attention(nn.Module):
-    """Multi-head attention of a query sequence over a key/value sequence (biased linears, SDPA)."""
+    """Multi-head attention of a query sequence over a key/value sequence (biased linears)."""
 
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
@@ -74,7 +75,7 @@ class _Attention(nn.Module):
         q_BHQK = self.q(x_BQD).unflatten(-1, (self.heads, head_dim)).transpose(1, 2)
         k_BHNK = self.k(ctx_BND).unflatten(-1, (self.heads, head_dim)).transpose(1, 2)
         v_BHNK = self.v(ctx_BND).unflatten(-1, (self.heads, head_dim)).transpose(1, 2)
-        o_BHQK = F.scaled_dot_product_attention(q_BHQK, k_BHNK, v_BHNK)
+        o_BHQK = attention(q_BHQK, k_BHNK, v_BHNK)
         return self.out(o_BHQK.transpose(1, 2).flatten(2))
 
 

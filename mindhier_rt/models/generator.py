@@ -30,6 +30,7 @@ from mindhier_rt.models.blocks import (
     SelfKVCache,
     SwittiBlock,
     rope_angles,
+    rope_tables,
 )
 
 CROP_FIELDS = 4  # (orig_h, orig_w, crop_top, crop_left), in units of the image size
@@ -76,9 +77,9 @@ class ScaleGenerator(nn.Module):
         self.head = nn.Linear(C, cfg.vocab_size)
 
         # Derived from the schedule, never stored in checkpoints.
-        angles_LP = rope_angles(sched, g.head_dim, g.rope_theta, g.rope_grid)
-        self.register_buffer("rope_cos_LP", angles_LP.cos().float(), persistent=False)
-        self.register_buffer("rope_sin_LP", angles_LP.sin().float(), persistent=False)
+        cos_Lc, sin_Lc = rope_tables(rope_angles(sched, g.head_dim, g.rope_theta, g.rope_grid))
+        self.register_buffer("rope_cos_Lc", cos_Lc.float(), persistent=False)
+        self.register_buffer("rope_sin_Lc", sin_Lc.float(), persistent=False)
         self.register_buffer("lvl_L", torch.tensor(sched.scale_of_token), persistent=False)
         self.register_buffer("self_mask_LL", sched.self_attn_mask(g.attn_mode), persistent=False)
         self.register_buffer("cross_mask_LS", sched.cross_attn_mask(), persistent=False)
@@ -133,7 +134,7 @@ class ScaleGenerator(nn.Module):
         for block, ada in zip(self.blocks, ada_blocks, strict=True):
             k, v = block.context_kv(context_BSD)
             x_BLC = block(
-                x_BLC, ada, self.rope_cos_LP, self.rope_sin_LP, k, v,
+                x_BLC, ada, self.rope_cos_Lc, self.rope_sin_Lc, k, v,
                 self_mask=self.self_mask_LL, cross_mask=self.cross_mask_LS,
             )  # fmt: skip
         return self._logits(x_BLC, ada_head)
@@ -173,8 +174,8 @@ class ScaleGenerator(nn.Module):
     def blocks_step(
         self,
         h_BlC: Tensor,
-        cos_lP: Tensor,
-        sin_lP: Tensor,
+        cos_lc: Tensor,
+        sin_lc: Tensor,
         ada_blocks: list[Tensor] | Tensor,
         ada_head_B2C: Tensor,
         cross_kv: list[tuple[Tensor, Tensor]],
@@ -190,7 +191,7 @@ class ScaleGenerator(nn.Module):
         for j, block in enumerate(self.blocks):
             k, v = cross_kv[j]
             cache = None if caches is None else caches[j]
-            h_BlC = block(h_BlC, ada_blocks[j], cos_lP, sin_lP, k, v, cache=cache, offset=offset)
+            h_BlC = block(h_BlC, ada_blocks[j], cos_lc, sin_lc, k, v, cache=cache, offset=offset)
         return self._logits(h_BlC, ada_head_B2C)
 
     def step(self, i: int, state: ScanState, x_BlE: Tensor | None = None) -> Tensor:
@@ -199,8 +200,8 @@ class ScaleGenerator(nn.Module):
         tokens, ctx = sched.scale_slice(i), sched.context_slice(i)
         return self.blocks_step(
             self.embed_scale(i, x_BlE, state.start_B1C),
-            self.rope_cos_LP[tokens],
-            self.rope_sin_LP[tokens],
+            self.rope_cos_Lc[tokens],
+            self.rope_sin_Lc[tokens],
             state.ada_blocks,
             state.ada_head_B2C,
             [(k[:, :, ctx], v[:, :, ctx]) for k, v in state.ctx_kv],

@@ -8,6 +8,8 @@ Thread pools do not spin by default (``spinning=False``): the decode loop altern
 with host work in PyTorch (guidance combine, token sampling), and worker threads that busy-wait after a
 run take the cores that work needs (and the next run waits for PyTorch's threads in turn). On a 2-core
 CPU that made the small preset's decode about 2.7x slower (``benchmarks/results/profile_small_cpu.md``).
+With ``spinning=True`` workers spin between the kernels of a run but are told to stop when it ends
+(``session.force_spinning_stop``); on that CPU this measured the same as no spinning, within noise.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class OnnxRuntimeBackend:
             self.options.intra_op_num_threads = threads
         for pool in ("intra_op", "inter_op"):
             self.options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
+        self.options.add_session_config_entry("session.force_spinning_stop", "1")
         self._sessions: dict[str, object] = {}
         self.dtype = np.dtype(self.bundle.manifest["dtype"])
         tables = self.bundle.manifest["tables"]
