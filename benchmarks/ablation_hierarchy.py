@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-from mindhier_rt.train.stages import Stage1Weights, train_stage1, train_stage2, train_vqvae
 
 from mindhier_rt.config import preset
 from mindhier_rt.demo import DemoSettings, evaluate, synthesise, teacher_targets
 from mindhier_rt.io import atomic_write_text, write_json
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.runtime.torch_backend import TorchBackend
+from mindhier_rt.train.stages import Stage1Weights, train_stage1, train_stage2, train_vqvae
 
 VARIANTS = {
     "hierarchical_c2f": {"guidance": "coarse_to_fine", "conditioning": "hierarchical"},

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from mindhier_rt.export.onnx_export import export_bundle
 
 from mindhier_rt.config import preset
+from mindhier_rt.export.onnx_export import export_bundle
 from mindhier_rt.io import atomic_write_text, write_json
 from mindhier_rt.models.mindhier import MindHier
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from mindhier_rt.export.checks import check_graph
-from mindhier_rt.export.graphs import ContextGraph, DecoderGraph, EncoderGraph, StepGraph, UpdateGraph
 from torch import Tensor, nn
 
 from mindhier_rt.bundle import Bundle, write_manifest
 from mindhier_rt.errors import BackendError, ConfigError
+from mindhier_rt.export.checks import check_graph
+from mindhier_rt.export.graphs import ContextGraph, DecoderGraph, EncoderGraph, StepGraph, UpdateGraph
 from mindhier_rt.models.attention import explicit_attention
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.sampling import SamplingConfig

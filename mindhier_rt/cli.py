@@ -127,6 +127,13 @@ def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, d
         from mindhier_rt.runtime.torch_backend import TorchBackend
 
         return TorchBackend(MindHier.load(ckpt, device=device), device=device)
+    if backend == "torch-fast":
+        if ckpt is None:
+            raise InputError("--backend torch-fast runs a checkpoint: pass --ckpt instead of --engine")
+        from mindhier_rt.models.mindhier import MindHier
+        from mindhier_rt.runtime.torch_fast import FastTorchBackend
+
+        return FastTorchBackend(MindHier.load(ckpt), device=device)
     if backend == "onnxruntime":
         if engine is None:
             raise InputError("--backend onnxruntime runs a bundle: export one and pass --engine BUNDLE")
@@ -134,7 +141,7 @@ def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, d
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         return OnnxRuntimeBackend(engine, providers=providers)
-    raise InputError(f"unknown backend {backend!r}; choose torch or onnxruntime")
+    raise InputError(f"unknown backend {backend!r}; choose torch, torch-fast or onnxruntime")
 
 
 @app.command()
@@ -144,7 +151,7 @@ def decode(
     out: Annotated[Path, typer.Option("--out", help="output folder for the PNGs and decode.json")],
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="checkpoint: decode with the PyTorch reference")] = None,
     engine: Annotated[Path | None, typer.Option("--engine", help="engine bundle from `mindhier-rt export`")] = None,
-    backend: Annotated[str | None, typer.Option(help="torch (--ckpt) or onnxruntime (--engine)")] = None,
+    backend: Annotated[str | None, typer.Option(help="torch or torch-fast (--ckpt), onnxruntime (--engine)")] = None,
     samples: Annotated[int, typer.Option(min=1, help="samples per scan")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="seed of the token draws")] = 0,
     cfg_scale: Annotated[float, typer.Option("--cfg", min=0.0, help="guidance scale (0 = off)")] = 6.0,
@@ -217,7 +224,7 @@ def decode(
         raise typer.Exit(1)
 
 
-PROFILE_BACKENDS = ("torch", "onnxruntime")
+PROFILE_BACKENDS = ("torch", "torch-fast", "onnxruntime")
 
 
 def _profile_plan(
@@ -241,8 +248,9 @@ def _profile_plan(
         )
     if len(set(names)) != len(names):
         raise InputError(f"--backend lists a backend twice: {backend}")
-    if "torch" in names and preset_name is None and ckpt is None:
-        raise InputError("--backend torch needs PyTorch weights: pass --ckpt CKPT (or --preset P) besides --engine")
+    for name in ("torch", "torch-fast"):
+        if name in names and preset_name is None and ckpt is None:
+            raise InputError(f"--backend {name} needs PyTorch weights: pass --ckpt CKPT or --preset P")
     if export_dir is not None and (engine is not None or "onnxruntime" not in names):
         raise InputError("--export-dir is where the onnxruntime bundle is exported; it needs --preset or --ckpt")
     return names
@@ -253,7 +261,7 @@ def profile(
     engine: Annotated[Path | None, typer.Option("--engine", help="engine bundle (onnxruntime)")] = None,
     preset_name: Annotated[str | None, typer.Option("--preset", help="random-weight models of this preset")] = None,
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="checkpoint (torch; exported for onnxruntime)")] = None,
-    backend: Annotated[str | None, typer.Option(help="comma-separated: torch,onnxruntime")] = None,
+    backend: Annotated[str | None, typer.Option(help="comma-separated: torch,torch-fast,onnxruntime")] = None,
     batch: Annotated[int, typer.Option(min=1, help="scans per decode")] = 1,
     samples: Annotated[int, typer.Option(min=1, help="samples per scan")] = 1,
     repeats: Annotated[int, typer.Option(min=1, help="timed runs (medians are reported)")] = 5,
@@ -303,6 +311,13 @@ def profile(
 
                 assert models is not None
                 runners.append(TorchBackend(models, device=device))
+            elif name == "torch-fast":
+                import copy
+
+                from mindhier_rt.runtime.torch_fast import FastTorchBackend
+
+                assert models is not None
+                runners.append(FastTorchBackend(copy.deepcopy(models), device=device))  # it casts its models
             else:
                 from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 

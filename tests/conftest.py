@@ -1,7 +1,13 @@
+import os
 import sys
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU through Triton's interpreter (float32) where there is no GPU. Set before any
+# kernel module is imported: @triton.jit reads it when a kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from mindhier_rt.config import preset
 from mindhier_rt.models.mindhier import MindHier
@@ -13,6 +19,45 @@ def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     MindHier.from_config(preset("tiny"), seed=0).save(path)
     return path
+
+
+def _export_tiny(mode: str, folder):
+    """Peaked random tiny models of ``mode`` and their bundle (2 scans x 2 samples); scale-local via the CLI."""
+    from mindhier_rt.bundle import Bundle
+    from mindhier_rt.export.onnx_export import export_bundle
+
+    models = MindHier.from_config(preset("tiny").replace(attn_mode=mode), seed=0).eval()
+    with torch.no_grad():
+        # peaked next-token distributions, as a trained model has: with the flat ones of random weights a
+        # draw lands within float rounding of a CDF boundary often enough to flip a token now and then
+        models.generator.head.weight.mul_(8.0)
+    if mode != "scale_local":
+        return models, export_bundle(models, folder / "bundle", batch=2, samples=2)
+    from mindhier_rt.cli import main
+
+    models.save(folder / "model.safetensors")
+    argv = ["mindhier-rt", "export", "--ckpt", str(folder / "model.safetensors"), "--out", str(folder / "bundle")]
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as done:
+        mp.setattr("sys.argv", [*argv, "--batch", "2", "--samples", "2"])
+        main()
+    assert done.value.code in (0, None)
+    return models, Bundle.open(folder / "bundle")
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """``tiny_export(mode) -> (models, bundle)``: one export per attention mode for the whole session (ONNX
+    export is the slowest thing the tests do). Shared: copy a bundle before altering it."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    cache = {}
+
+    def get(mode: str = "scale_local"):
+        if mode not in cache:
+            cache[mode] = _export_tiny(mode, tmp_path_factory.mktemp(f"tiny_{mode}"))
+        return cache[mode]
+
+    return get
 
 
 @pytest.fixture()

@@ -5,10 +5,9 @@ import torch
 
 open_clip = pytest.importorskip("open_clip")
 
-from mindhier_rt.train.clip_teacher import ClipTeacher  # noqa: E402
-
 from mindhier_rt.errors import ConfigError, InputError  # noqa: E402
 from mindhier_rt.schedule import PATCH_NUMS_512, Schedule  # noqa: E402
+from mindhier_rt.train.clip_teacher import ClipTeacher  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from mindhier_rt.export.checks import GraphCheckError, check_graph, op_counts, tensorrt_incompatible
-from mindhier_rt.export.onnx_export import export_bundle
-
 from mindhier_rt.bundle import Bundle, BundleError
 from mindhier_rt.config import preset
 from mindhier_rt.errors import InputError
+from mindhier_rt.export.checks import GraphCheckError, check_graph, op_counts, tensorrt_incompatible
+from mindhier_rt.export.onnx_export import export_bundle
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.pipeline import reconstruct
 from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -26,27 +25,15 @@ CASES = [("tiny", "scale_local"), ("tiny", "block_causal"), ("small", "scale_loc
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(c))
-def exported(request, tmp_path_factory):
-    """(models, bundle); the first case goes through `mindhier-rt export`, the others through the API."""
+def exported(request, tmp_path_factory, tiny_export):
+    """(models, bundle); tiny comes from the session's shared exports (scale-local through `mindhier-rt export`)."""
     name, mode = request.param
+    if name == "tiny":
+        return tiny_export(mode)
     models = MindHier.from_config(preset(name).replace(attn_mode=mode), seed=0).eval()
     with torch.no_grad():
-        # peaked next-token distributions, as a trained model has: with the flat ones of random weights a
-        # draw lands within float rounding of a CDF boundary often enough to flip a token now and then
-        models.generator.head.weight.mul_(8.0)
-    folder = tmp_path_factory.mktemp(f"{name}_{mode}")
-    if (name, mode) == CASES[0]:
-        from mindhier_rt.cli import main
-
-        models.save(folder / "model.safetensors")
-        argv = ["mindhier-rt", "export", "--ckpt", str(folder / "model.safetensors"), "--out", str(folder / "bundle")]
-        with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as done:
-            mp.setattr("sys.argv", [*argv, "--batch", "2", "--samples", "2"])
-            main()
-        assert done.value.code in (0, None)
-        bundle = Bundle.open(folder / "bundle")
-    else:
-        bundle = export_bundle(models, folder / "bundle", batch=2, samples=2)
+        models.generator.head.weight.mul_(8.0)  # peaked, as in conftest._export_tiny
+    bundle = export_bundle(models, tmp_path_factory.mktemp(f"{name}_{mode}") / "bundle", batch=2, samples=2)
     return models, bundle
 
 
@@ -139,10 +126,11 @@ def test_generator_weights_are_stored_once(exported):
 
 
 def test_polygraphy_compares_onnxruntime_with_torch(exported):
-    from mindhier_rt.export.graphs import ContextGraph
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, RunResults, SimpleCompareFunc
     from polygraphy.comparator.struct import IterationResult
+
+    from mindhier_rt.export.graphs import ContextGraph
 
     models, bundle = exported
     cfg = models.cfg

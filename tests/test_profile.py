@@ -177,14 +177,8 @@ def test_backends_take_turns_and_get_a_paired_ratio(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def tiny_bundle(tiny_models, tmp_path_factory):
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from mindhier_rt.export.onnx_export import export_bundle
-
-    out = tmp_path_factory.mktemp("profile") / "bundle"
-    export_bundle(tiny_models, out)
-    return out
+def tiny_bundle(tiny_export):
+    return tiny_export("scale_local")[1].root
 
 
 def test_format_table_names_every_backend(torch_result, tiny_bundle):

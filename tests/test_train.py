@@ -5,14 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from mindhier_rt.train.loop import TrainConfig
-from mindhier_rt.train.losses import hierarchical_mse, soft_clip_loss, token_cross_entropy
-from mindhier_rt.train.stages import TrialSet, train_stage1, train_stage2, train_vqvae
-from mindhier_rt.train.teacher import HashTextTeacher, RandomViTTeacher
 
 from mindhier_rt.config import preset
 from mindhier_rt.data.synthetic import make_synthetic
 from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.train.loop import TrainConfig
+from mindhier_rt.train.losses import hierarchical_mse, soft_clip_loss, token_cross_entropy
+from mindhier_rt.train.stages import TrialSet, train_stage1, train_stage2, train_vqvae
+from mindhier_rt.train.teacher import HashTextTeacher, RandomViTTeacher
 
 
 def test_soft_clip_matches_the_direct_formula():

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mindhier_rt.train.loop import TrainConfig, batch_rng, train_loop
-from mindhier_rt.train.losses import hierarchical_mse, soft_clip_loss, token_cross_entropy
 from torch import Tensor
 
 from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.train.loop import TrainConfig, batch_rng, train_loop
+from mindhier_rt.train.losses import hierarchical_mse, soft_clip_loss, token_cross_entropy
 
 
 def _pick(rng, n: int, batch: int) -> Tensor:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mindhier_rt.models.attention import attention
+from mindhier_rt.models.attention import RangeMask, attention
 from mindhier_rt.schedule import Schedule
 
 
@@ -118,7 +118,7 @@ class SelfAttention(nn.Module):
         x_BlC: Tensor,
         cos_lc: Tensor,
         sin_lc: Tensor,
-        mask_ll: Tensor | None = None,
+        mask_ll: Tensor | RangeMask | None = None,
         cache: SelfKVCache | None = None,
         offset: int = 0,
     ) -> Tensor:
@@ -153,7 +153,9 @@ class CrossAttention(nn.Module):
         k_BSC = layer_norm_no_affine(k_BSC, self.heads * self.head_dim, self.eps)
         return tuple(t.view(B, S, self.heads, self.head_dim).transpose(1, 2) for t in (k_BSC, v_BSC))
 
-    def forward(self, x_BlC: Tensor, k_BHSc: Tensor, v_BHSc: Tensor, mask_lS: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x_BlC: Tensor, k_BHSc: Tensor, v_BHSc: Tensor, mask_lS: Tensor | RangeMask | None = None
+    ) -> Tensor:
         B, l, C = x_BlC.shape
         q = (
             layer_norm_no_affine(self.to_q(x_BlC), self.heads * self.head_dim, self.eps)
@@ -218,8 +220,8 @@ class SwittiBlock(nn.Module):
         sin_lc: Tensor,
         ctx_k_BHSc: Tensor,
         ctx_v_BHSc: Tensor,
-        self_mask: Tensor | None = None,
-        cross_mask: Tensor | None = None,
+        self_mask: Tensor | RangeMask | None = None,
+        cross_mask: Tensor | RangeMask | None = None,
         cache: SelfKVCache | None = None,
         offset: int = 0,
     ) -> Tensor:

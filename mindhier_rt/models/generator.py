@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mindhier_rt.config import ModelConfig
+from mindhier_rt.models.attention import RangeMask
 from mindhier_rt.models.blocks import (
     AdaLNBeforeHead,
     GaussianFourierFeatures,
@@ -131,23 +132,32 @@ class ScaleGenerator(nn.Module):
         ada_blocks, ada_head = self._modulations(cond_BC, crop_BC)
         start_B1C = cond_BC.unsqueeze(1) + self.pos_start
         x_BLC = torch.cat([start_B1C, self.word_embed(x_BLE)], dim=1) + self.lvl_embed(self.lvl_L)
+        sched, mode = self.schedule, self.cfg.generator.attn_mode
+        self_mask = RangeMask(self.self_mask_LL, sched.key_ranges(mode))
+        cross_mask = RangeMask(self.cross_mask_LS, sched.key_ranges("cross"))
         for block, ada in zip(self.blocks, ada_blocks, strict=True):
             k, v = block.context_kv(context_BSD)
             x_BLC = block(
                 x_BLC, ada, self.rope_cos_Lc, self.rope_sin_Lc, k, v,
-                self_mask=self.self_mask_LL, cross_mask=self.cross_mask_LS,
+                self_mask=self_mask, cross_mask=cross_mask,
             )  # fmt: skip
         return self._logits(x_BLC, ada_head)
 
     # ---- incremental decoding -------------------------------------------------------------------
-    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor, crop_B4: Tensor | None = None) -> ScanState:
-        """The context step: everything that depends only on the scan, computed once."""
+    def prepare(
+        self, pooled_BD: Tensor, context_BSD: Tensor, crop_B4: Tensor | None = None, self_cache: bool = True
+    ) -> ScanState:
+        """The context step: everything that depends only on the scan, computed once.
+
+        ``self_cache=False`` skips allocating the block-causal self-attention caches (for a caller that keeps
+        its own, preallocated once: the fast backend).
+        """
         B = pooled_BD.shape[0]
         cond_BC = self.condition(pooled_BD)
         crop_BC = self.crop_vector(crop_B4, B, pooled_BD.device, cond_BC.dtype)
         ada_blocks, ada_head = self._modulations(cond_BC, crop_BC)
         self_kv = None
-        if self.cfg.generator.attn_mode == "block_causal":
+        if self.cfg.generator.attn_mode == "block_causal" and self_cache:
             g = self.cfg.generator
             self_kv = [
                 SelfKVCache(B, g.heads, self.schedule.total_tokens, g.head_dim, cond_BC.device, cond_BC.dtype)

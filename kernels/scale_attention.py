@@ -1,0 +1,663 @@
+"""Block-sparse scale-masked attention forward in Triton, its PyTorch reference, costs and a benchmark.
+
+Every attention mask of this model lets the queries of one scale see ONE contiguous run of keys, a *range*
+``(q0, q1, k0, k1)`` with exclusive ends (``Schedule.key_ranges``): its own scale (``scale_local``), the
+pyramid up to and including it (``block_causal``) or its context segment (``cross``). The kernel is built on
+that: the host cuts each range's queries into BLOCK_M tiles (a tile never straddles two ranges) and writes an
+int32 tile table ``[n_tiles, 4] = (tile q start, tile q end, k start, k end)``; program ``(tile, b * H + h)``
+reads its row and loops over keys ``k0..k1`` in BLOCK_N steps with an online softmax. It only ever loads the
+key/value tiles its mask allows: that is the block sparsity (cross-attention reads 1/M of the context, a
+scale-local query tile reads its own scale only). There is no dense mask anywhere on the kernel path.
+
+Semantics shared by the kernel and ``scale_masked_attention_ref``:
+  out[b, h, q] = softmax_k(scale * q . k, k in the range covering q) @ v, for every q covered by a range.
+  Queries covered by no range are left untouched in ``out``: a caller-provided ``out`` keeps its values
+  there, and a freshly allocated ``out`` is zero-filled there (it is allocated uninitialised when the
+  ranges cover every query). Query ranges must not overlap; key ranges must be non-empty.
+
+Numerics: scores, the running max/sum and the output accumulator are float32 for every input dtype; the
+output is cast to q's dtype. For float32 inputs on a GPU the dot products use IEEE fp32 (not TF32), so fp32
+results match the reference to ~1e-6 relative; fp16/bf16 inputs feed the tensor cores directly.
+
+Backends: CUDA tensors run the compiled kernel. CPU tensors run only under Triton's interpreter
+(``TRITON_INTERPRET=1`` set before this module is imported), in float32; that is how the CPU tests run.
+``HAS_TRITON`` says whether Triton imported; without it this module still imports and the references,
+range helpers and cost functions work, while the kernel raises a ``BackendError`` saying how to install it.
+
+Backward: none. Training runs the reference path, ``F.scaled_dot_product_attention`` with the dense boolean
+mask (``models.attention.attention``), because the forward is what inference needs: decoding and the
+teacher-forced pass at serving time never differentiate, and a backward kernel would be more code to keep
+correct for a training cost that is not this project's bottleneck. This is a choice of scope, not a limit
+of the method: the same tile table would drive a block-sparse backward.
+
+Axis legend: B batch, H heads, L / l query tokens (whole pyramid / one scale), S key tokens (context or
+self-attention cache), c head dim. BLOCK_M query rows and BLOCK_N keys per tile, BLOCK_D = head dim
+rounded up to a power of two (>= 16) and masked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import itertools
+import json
+import logging
+import math
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mindhier_rt.errors import BackendError, ConfigError
+from mindhier_rt.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as _triton_import_error:  # optional backend: detected once, reported when used
+    triton = None
+    tl = None
+    HAS_TRITON = False
+    _TRITON_MISSING = f"{type(_triton_import_error).__name__}: {_triton_import_error}"
+else:
+    HAS_TRITON = True
+    _TRITON_MISSING = ""
+
+Range = tuple[int, int, int, int]  # (query start, query end, key start, key end), ends exclusive
+Kind = Literal["cross", "scale_local", "block_causal"]
+KINDS: tuple[str, ...] = ("cross", "scale_local", "block_causal")
+
+MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which holds B * H
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = 1.4426950408889634
+
+# ---- the kernel --------------------------------------------------------------------------------------
+if HAS_TRITON:
+
+    @triton.jit
+    def _scale_attn_fwd_kernel(
+        Q,
+        K,
+        V,
+        O,
+        TILES,
+        stride_qb,
+        stride_qh,
+        stride_qm,
+        stride_qd,
+        stride_kb,
+        stride_kh,
+        stride_kn,
+        stride_kd,
+        stride_vb,
+        stride_vh,
+        stride_vn,
+        stride_vd,
+        stride_ob,
+        stride_oh,
+        stride_om,
+        stride_od,
+        n_heads,
+        qk_scale_log2,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """One query tile of one (batch, head) against the key range of its row in the tile table."""
+        tl.static_assert(BLOCK_M >= 16, "tl.dot needs BLOCK_M >= 16")
+        tl.static_assert(BLOCK_N >= 16, "tl.dot needs BLOCK_N >= 16")
+        tl.static_assert(BLOCK_D >= 16, "tl.dot needs BLOCK_D >= 16")
+        tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D must cover the head dim")
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // n_heads).to(tl.int64)
+        h = (bh % n_heads).to(tl.int64)
+
+        # This tile's row of the table: scalar loads.
+        q_start = tl.load(TILES + tile * 4 + 0)
+        q_end = tl.load(TILES + tile * 4 + 1)
+        k_start = tl.load(TILES + tile * 4 + 2)
+        k_end = tl.load(TILES + tile * 4 + 3)
+
+        offs_m = q_start + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < q_end
+        d_valid = offs_d < HEAD_DIM
+
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q_md = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the log2-scaled scores
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running softmax denominator
+        acc_md = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # Only the key tiles of this range are visited. The range is non-empty (host check), so the first
+        # step makes every row's max finite, masked query rows included (their q is 0, their scores 0).
+        for n0 in range(k_start, k_end, BLOCK_N):
+            n_idx = n0 + offs_n
+            n_valid = n_idx < k_end
+            k_dn = tl.load(
+                k_base + n_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=n_valid[None, :] & d_valid[:, None],
+                other=0.0,
+            )
+            s_mn = tl.dot(q_md, k_dn, input_precision=DOT_PRECISION) * qk_scale_log2
+            s_mn = tl.where(n_valid[None, :], s_mn, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_mn, 1))
+            p_mn = tl.math.exp2(s_mn - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p_mn, 1)
+            v_nd = tl.load(
+                v_base + n_idx[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=n_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            acc_md = acc_md * alpha[:, None] + tl.dot(p_mn.to(v_nd.dtype), v_nd, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        out_md = acc_md / l_i[:, None]
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out_md.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+    # Triton decides interpreted vs compiled when a kernel is decorated: remember which one we got.
+    _INTERPRETED = bool(triton.knobs.runtime.interpret)
+else:
+    _INTERPRETED = False
+
+
+# ---- host side: ranges, tile tables, launch ------------------------------------------------------------
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(head_dim: int, block_m: int | None = None, block_n: int | None = None) -> LaunchConfig:
+    """Tile sizes and launch parameters for a head dim (explicit block sizes override the defaults).
+
+    Defaults follow the usual flash-attention choices for Hopper/Ampere at c <= 64 (64 x 64 tiles, 4 warps,
+    3 stages) and shrink the key tile as the head dim grows so the K/V tiles of all stages fit shared memory.
+    They are untuned on this project's hardware: ``benchmark`` is where to tune them.
+    """
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ConfigError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    if block_d <= 64:
+        d_m, d_n, stages = 64, 64, 3
+    elif block_d <= 128:
+        d_m, d_n, stages = 64, 32, 2
+    else:
+        d_m, d_n, stages = 32, 32, 1
+    block_m = d_m if block_m is None else block_m
+    block_n = d_n if block_n is None else block_n
+    for name, value in (("block_m", block_m), ("block_n", block_n)):
+        if value < 16 or value & (value - 1):
+            raise ConfigError(f"{name} must be a power of two >= 16 (tl.dot tiles), got {value}")
+    return LaunchConfig(block_m, block_n, block_d, num_warps=4, num_stages=stages)
+
+
+def _normalize_ranges(ranges: Sequence[Sequence[int]]) -> tuple[Range, ...]:
+    out = []
+    for j, r in enumerate(ranges):
+        if len(r) != 4:
+            raise ConfigError(f"range {j} must be (q_start, q_end, k_start, k_end), got {tuple(r)!r}")
+        out.append(tuple(int(x) for x in r))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _RangeSummary:
+    q_max: int  # largest query end
+    k_max: int  # largest key end
+    covered: int  # queries covered by some range (no overlaps, so the sum of the query lengths)
+
+
+@functools.lru_cache(maxsize=512)
+def _check_ranges(ranges: tuple[Range, ...]) -> _RangeSummary:
+    """Structural checks that do not depend on tensor shapes: cached per ranges tuple."""
+    if not ranges:
+        raise ConfigError("expected at least one (q_start, q_end, k_start, k_end) range, got none")
+    for j, (q0, q1, k0, k1) in enumerate(ranges):
+        if q0 < 0 or k0 < 0:
+            raise ConfigError(f"range {j} {ranges[j]}: expected starts >= 0, got q_start {q0}, k_start {k0}")
+        if q1 <= q0:
+            raise ConfigError(f"range {j} {ranges[j]}: expected q_end > q_start (empty query range)")
+        if k1 <= k0:
+            raise ConfigError(
+                f"range {j} {ranges[j]}: expected k_end > k_start, got an empty key range "
+                "(a query with no keys has no softmax)"
+            )
+    by_start = sorted(ranges)
+    for a, b in itertools.pairwise(by_start):
+        if b[0] < a[1]:
+            raise ConfigError(f"query ranges must not overlap: {a} and {b} both cover query {b[0]}")
+    return _RangeSummary(
+        q_max=max(r[1] for r in ranges),
+        k_max=max(r[3] for r in ranges),
+        covered=sum(r[1] - r[0] for r in ranges),
+    )
+
+
+def _check_bounds(ranges: tuple[Range, ...], summary: _RangeSummary, n_queries: int, n_keys: int) -> None:
+    if summary.q_max > n_queries:
+        bad = next(r for r in ranges if r[1] > n_queries)
+        raise ConfigError(f"range {bad} ends past the queries: expected q_end <= Lq = {n_queries}, got {bad[1]}")
+    if summary.k_max > n_keys:
+        bad = next(r for r in ranges if r[3] > n_keys)
+        raise ConfigError(f"range {bad} ends past the keys: expected k_end <= Lk = {n_keys}, got {bad[3]}")
+
+
+@functools.lru_cache(maxsize=512)
+def _tile_rows(ranges: tuple[Range, ...], block_m: int) -> tuple[Range, ...]:
+    """Each range's queries cut into BLOCK_M tiles, longest key range first (the heaviest tiles launch first)."""
+    _check_ranges(ranges)
+    rows = [
+        (t, min(t + block_m, q1), k0, k1)
+        for q0, q1, k0, k1 in sorted(ranges, key=lambda r: r[3] - r[2], reverse=True)
+        for t in range(q0, q1, block_m)
+    ]
+    return tuple(rows)
+
+
+@functools.lru_cache(maxsize=512)
+def tile_table(ranges: tuple[Range, ...], block_m: int, device: torch.device) -> Tensor:
+    """int32 [n_tiles, 4] = (tile q start, tile q end, k start, k end) on ``device``, cached per arguments.
+
+    Rows are ordered longest key range first, so the heaviest tiles (the finest block-causal scales) are
+    scheduled first and the short ones fill the tail of the launch. Warm it up before a CUDA graph capture:
+    the first call for a (ranges, BLOCK_M, device) copies the table to the device.
+    """
+    return torch.tensor(_tile_rows(ranges, block_m), dtype=torch.int32, device=device).reshape(-1, 4)
+
+
+def _check_tensors(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ConfigError(f"{name} must be 4-D [B, H, L, c], got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise ConfigError(f"k and v must have the same shape [B, H, Lk, c], got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ConfigError(
+            f"q [B, H, Lq, c] and k [B, H, Lk, c] must agree on B, H and c: got q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
+        raise ConfigError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {q.shape[3]}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ConfigError(
+            f"q, k, v must share one dtype of {[str(d) for d in _DTYPES]}, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ConfigError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype or out.device != q.device):
+        raise ConfigError(
+            f"out must match q: expected {tuple(q.shape)} {q.dtype} on {q.device}, "
+            f"got {tuple(out.shape)} {out.dtype} on {out.device}"
+        )
+
+
+def _check_backend(q: Tensor) -> None:
+    if not HAS_TRITON:
+        raise BackendError(
+            f"the scale-attention kernel needs Triton, which did not import ({_TRITON_MISSING}); "
+            "install it with `pip install 'mindhier-rt[gpu]'` (or `pip install triton`), "
+            "or use scale_masked_attention_ref"
+        )
+    if q.device.type == "cuda":
+        return
+    if q.device.type != "cpu" or not _INTERPRETED:
+        raise BackendError(
+            f"Triton needs a CUDA GPU or TRITON_INTERPRET=1 (set before importing {__name__}); "
+            f"got tensors on {q.device} with the interpreter {'on' if _INTERPRETED else 'off'}"
+        )
+    if q.dtype != torch.float32:
+        raise BackendError(f"on CPU (Triton interpreter) the kernel runs float32 only, got {q.dtype}")
+
+
+def _new_out(q: Tensor, summary: _RangeSummary) -> Tensor:
+    return torch.empty_like(q) if summary.covered == q.shape[2] else torch.zeros_like(q)
+
+
+def scale_masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ranges: Sequence[Sequence[int]],
+    scale: float | None = None,
+    out: Tensor | None = None,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> Tensor:
+    """Block-sparse attention of q [B, H, Lq, c] over k, v [B, H, Lk, c] restricted to ``ranges``.
+
+    ``ranges``: (q_start, q_end, k_start, k_end) per group of queries, ends exclusive, query ranges disjoint,
+    key ranges non-empty. Queries covered by no range are left untouched in ``out`` (zero in a fresh one).
+    Any strides (cache views, permuted tensors); nothing is copied. ``scale`` defaults to c ** -0.5.
+    Returns ``out`` (allocated when None), in q's dtype. ``block_m`` / ``block_n`` (powers of two >= 16)
+    override the tile sizes of ``launch_config``. Raises ConfigError for bad shapes, dtypes, devices or
+    ranges, BackendError when Triton cannot run here (no Triton; CPU tensors without the interpreter).
+    """
+    _check_tensors(q, k, v, out)
+    key = _normalize_ranges(ranges)
+    summary = _check_ranges(key)
+    _check_bounds(key, summary, q.shape[2], k.shape[2])
+    _check_backend(q)
+    B, H, _, c = q.shape
+    if q.device.type == "cuda" and B * H > MAX_GRID_Y:
+        raise ConfigError(f"batch x heads must be <= {MAX_GRID_Y} (CUDA grid axis 1), got {B} x {H} = {B * H}")
+    cfg = launch_config(c, block_m, block_n)
+    scale = c**-0.5 if scale is None else float(scale)
+    out_BHLc = _new_out(q, summary) if out is None else out
+    if B * H == 0:
+        return out_BHLc
+    tiles_N4 = tile_table(key, cfg.block_m, q.device)
+    grid = (tiles_N4.shape[0], B * H)
+    # Triton launches on the current CUDA device: make it q's.
+    on_device = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        _launch(q, k, v, out_BHLc, tiles_N4, grid, scale, cfg)
+    return out_BHLc
+
+
+def _launch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out_BHLc: Tensor,
+    tiles_N4: Tensor,
+    grid: tuple[int, int],
+    scale: float,
+    cfg: LaunchConfig,
+) -> None:
+    _scale_attn_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out_BHLc,
+        tiles_N4,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out_BHLc.stride(),
+        q.shape[1],
+        scale * _LOG2E,
+        HEAD_DIM=q.shape[3],
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=cfg.block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+
+
+def dense_mask(
+    ranges: Sequence[Sequence[int]], n_queries: int, n_keys: int, device: torch.device | str | None = None
+) -> Tensor:
+    """Bool [Lq, Lk] mask (True = may attend) of a set of ranges: what SDPA and the reference take."""
+    key = _normalize_ranges(ranges)
+    _check_bounds(key, _check_ranges(key), n_queries, n_keys)
+    mask_LS = torch.zeros(n_queries, n_keys, dtype=torch.bool, device=device)
+    for q0, q1, k0, k1 in key:
+        mask_LS[q0:q1, k0:k1] = True
+    return mask_LS
+
+
+def scale_masked_attention_ref(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ranges: Sequence[Sequence[int]],
+    scale: float | None = None,
+    out: Tensor | None = None,
+) -> Tensor:
+    """Pure-PyTorch reference of ``scale_masked_attention``: dense bool mask, float32 softmax, same semantics."""
+    _check_tensors(q, k, v, out)
+    key = _normalize_ranges(ranges)
+    summary = _check_ranges(key)
+    _check_bounds(key, summary, q.shape[2], k.shape[2])
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    mask_LS = dense_mask(key, q.shape[2], k.shape[2], device=q.device)
+    rows_L = mask_LS.any(-1)
+    q_BHlc = q[:, :, rows_L].float()
+    scores_BHlS = torch.matmul(q_BHlc, k.float().transpose(-2, -1)) * scale
+    scores_BHlS = scores_BHlS.masked_fill(~mask_LS[rows_L], float("-inf"))
+    o_BHlc = torch.matmul(scores_BHlS.softmax(dim=-1), v.float())
+    out_BHLc = _new_out(q, summary) if out is None else out
+    out_BHLc[:, :, rows_L] = o_BHlc.to(q.dtype)
+    return out_BHLc
+
+
+# ---- schedule -> ranges --------------------------------------------------------------------------------
+def ranges_for_step(schedule: Schedule, i: int, kind: Kind, cached: bool = True) -> tuple[Range]:
+    """The one range of decode step ``i`` (queries = the l_i tokens of scale i), as a 1-tuple of ranges.
+
+    cross: (0, l_i, seg * T, (seg + 1) * T) against the full context K/V [B, H, S, c].
+    block_causal: (0, l_i, 0, offset_i + l_i) against the preallocated self-attention cache (whole or its
+    prefix view; ``cached`` does not change it: block-causal keys always come from the cache).
+    scale_local: (0, l_i, offset_i, offset_i + l_i) against the preallocated cache when ``cached``, else
+    (0, l_i, 0, l_i) against the scale's own K/V.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not 0 <= i < schedule.n_scales:
+        raise ConfigError(f"scale index must be in 0..{schedule.n_scales - 1}, got {i}")
+    _, _, k0, k1 = schedule.key_ranges(kind)[i]
+    n = schedule.token_counts[i]
+    if kind == "scale_local" and not cached:
+        k0, k1 = 0, n
+    return ((0, n, k0, k1),)
+
+
+# ---- costs ---------------------------------------------------------------------------------------------
+def attention_cost(
+    ranges: Sequence[Sequence[int]],
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype_bytes: int,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> dict[str, Any]:
+    """FLOPs and bytes of one ``scale_masked_attention`` call (tile sizes as the kernel would pick them).
+
+    flops: 4 c per allowed (query, key) pair (q.k and p.v, a multiply-add each), times B H.
+    softmax_exps: one exp per allowed pair (the other softmax ops are a few per pair, not counted as flops).
+    mma_flops: what the tensor cores actually execute: full BLOCK_M x BLOCK_N x BLOCK_D tiles, padding included.
+    bytes: q read and out written once per query, plus each query tile's K and V loads over its key range:
+    the load traffic the kernel issues (an upper bound on DRAM traffic, since tiles of one range re-read
+    the same K/V, which L2 often serves). The 16-byte tile-table row per program is left out.
+    """
+    key = _normalize_ranges(ranges)
+    cfg = launch_config(head_dim, block_m, block_n)
+    bh = batch * heads
+    pairs = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in key)
+    queries = _check_ranges(key).covered
+    rows = _tile_rows(key, cfg.block_m)
+    kv_per_tile = sum(k1 - k0 for _, _, k0, k1 in rows)
+    key_steps = sum(math.ceil((k1 - k0) / cfg.block_n) for _, _, k0, k1 in rows)
+    flops = 4 * head_dim * pairs * bh
+    bytes_q_out = 2 * queries * head_dim * dtype_bytes * bh
+    bytes_kv = 2 * kv_per_tile * head_dim * dtype_bytes * bh
+    total_bytes = bytes_q_out + bytes_kv
+    return {
+        "pairs": pairs * bh,
+        "flops": flops,
+        "softmax_exps": pairs * bh,
+        "mma_flops": 4 * cfg.block_m * cfg.block_n * cfg.block_d * key_steps * bh,
+        "bytes": total_bytes,
+        "bytes_q_out": bytes_q_out,
+        "bytes_kv": bytes_kv,
+        "arithmetic_intensity": flops / total_bytes,
+        "n_tiles": len(rows),
+        "block_m": cfg.block_m,
+        "block_n": cfg.block_n,
+    }
+
+
+def _dense_shape(schedule: Schedule, kind: str) -> tuple[int, int]:
+    return schedule.total_tokens, schedule.context_length if kind == "cross" else schedule.total_tokens
+
+
+def mask_savings(schedule: Schedule) -> dict[str, float]:
+    """Per kind, the fraction of the dense [L, Lk] (query, key) work that the mask skips.
+
+    cross: each scale reads one of M context segments, so 1 - 1/M. scale_local: 1 - sum n_i^2 / L^2.
+    block_causal: 1 - sum n_i (offset_i + n_i) / L^2.
+    """
+    out = {}
+    for kind in KINDS:
+        n_q, n_k = _dense_shape(schedule, kind)
+        allowed = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in schedule.key_ranges(kind))
+        out[kind] = 1.0 - allowed / (n_q * n_k)
+    return out
+
+
+def cost_report(preset_name: str = "mindhier-512", batch: int = 1, dtype_bytes: int = 2) -> dict[str, Any]:
+    """Mask savings and per-kind kernel costs (block-sparse vs one dense range) of a preset's pyramid."""
+    from mindhier_rt.config import preset
+
+    cfg = preset(preset_name)
+    sched, heads, head_dim = cfg.schedule, cfg.generator.heads, cfg.generator.head_dim
+    kinds = {}
+    for kind in KINDS:
+        n_q, n_k = _dense_shape(sched, kind)
+        sparse = attention_cost(sched.key_ranges(kind), batch, heads, head_dim, dtype_bytes)
+        dense = attention_cost([(0, n_q, 0, n_k)], batch, heads, head_dim, dtype_bytes)
+        kinds[kind] = {
+            "block_sparse": sparse,
+            "dense": dense,
+            "flops_ratio": sparse["flops"] / dense["flops"],
+            "bytes_ratio": sparse["bytes"] / dense["bytes"],
+        }
+    return {
+        "preset": preset_name,
+        "batch": batch,
+        "heads": heads,
+        "head_dim": head_dim,
+        "dtype_bytes": dtype_bytes,
+        "tokens": sched.total_tokens,
+        "context_tokens": sched.context_length,
+        "mask_savings": mask_savings(sched),
+        "kinds": kinds,
+    }
+
+
+# ---- benchmark (GPU) -----------------------------------------------------------------------------------
+def _time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> float:
+    """Median milliseconds of ``fn`` over ``repeats`` calls after ``warmup``, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def benchmark(
+    preset_name: str = "mindhier-512",
+    batch: int = 2,
+    dtype: torch.dtype = torch.float16,
+    warmup: int = 10,
+    repeats: int = 50,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Time the kernel against SDPA with the equivalent dense boolean mask on a preset's teacher-forced pyramid.
+
+    For each kind (cross, scale_local, block_causal): random q [B, H, L, c] and k, v [B, H, Lk, c] on the GPU,
+    the median of ``repeats`` timed calls after ``warmup``. TFLOP/s count the useful work (4 c per allowed
+    pair) for both, so they compare directly; ``speedup`` = SDPA ms / kernel ms. ``max_abs_diff`` checks
+    the two agree. Returns a JSON-ready dict.
+    """
+    if not torch.cuda.is_available():
+        raise BackendError("benchmark needs a CUDA GPU; torch.cuda.is_available() is False")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype}")
+    from mindhier_rt.config import preset
+
+    cfg = preset(preset_name)
+    sched, H, c = cfg.schedule, cfg.generator.heads, cfg.generator.head_dim
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    results: dict[str, Any] = {}
+    for kind in KINDS:
+        n_q, n_k = _dense_shape(sched, kind)
+        q, k, v = (torch.randn(batch, H, n, c, device=dev, dtype=dtype, generator=gen) for n in (n_q, n_k, n_k))
+        ranges = sched.key_ranges(kind)
+        mask_LS = dense_mask(ranges, n_q, n_k, device=dev)
+        out = torch.empty_like(q)
+        run_kernel = functools.partial(scale_masked_attention, q, k, v, ranges, out=out)
+        run_sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask_LS)
+        ms_kernel = _time_cuda(run_kernel, warmup, repeats)
+        ms_sdpa = _time_cuda(run_sdpa, warmup, repeats)
+        ref = run_sdpa()
+        flops = attention_cost(ranges, batch, H, c, dtype_bytes)["flops"]
+        results[kind] = {
+            "ms_kernel": ms_kernel,
+            "ms_sdpa_dense_mask": ms_sdpa,
+            "tflops_kernel": flops / ms_kernel / 1e9,
+            "tflops_sdpa": flops / ms_sdpa / 1e9,
+            "speedup": ms_sdpa / ms_kernel,
+            "max_abs_diff": (out.float() - ref.float()).abs().max().item(),
+            "queries": n_q,
+            "keys": n_k,
+        }
+        log.info("%s %s: kernel %.3f ms, SDPA %.3f ms", preset_name, kind, ms_kernel, ms_sdpa)
+    return {
+        "preset": preset_name,
+        "device": torch.cuda.get_device_name(dev),
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch": batch,
+        "heads": H,
+        "head_dim": c,
+        "warmup": warmup,
+        "repeats": repeats,
+        "triton": triton.__version__ if HAS_TRITON else None,
+        "torch": torch.__version__,
+        "kinds": results,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m mindhier_rt.kernels.scale_attention [--preset P] [--benchmark]``: print costs (and timings)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="mindhier-512")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--benchmark", action="store_true", help="time kernel vs SDPA (needs a CUDA GPU)")
+    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
+    args = parser.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    report: dict[str, Any] = {
+        "costs": cost_report(args.preset, args.batch, torch.empty((), dtype=dtype).element_size())
+    }
+    if args.benchmark:
+        report["benchmark"] = benchmark(args.preset, args.batch, dtype)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
