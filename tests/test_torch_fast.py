@@ -101,3 +101,15 @@ def test_half_precision_stays_close(dtype, tiny_voxels):
         pooled, ctx = backend.encode(v, "subj01")
         logits.append(backend.step(0, backend.prepare(pooled, ctx), None))
     assert ((logits[1] - logits[0]).abs().max() / logits[0].abs().max()).item() < 5e-2
+
+
+def test_decode_command_with_the_fast_backend(cli, tiny_ckpt, tmp_path):
+    import numpy as np
+
+    voxels = np.random.default_rng(0).standard_normal((2, preset("tiny").encoder.voxel_count("subj01")))
+    np.save(tmp_path / "v.npy", voxels.astype(np.float32))
+    common = ["--ckpt", tiny_ckpt, "--fmri", tmp_path / "v.npy", "--subject", "subj01", "--seed", "2"]
+    assert cli("decode", *common, "--backend", "torch-fast", "--out", tmp_path / "fast")[0] == 0
+    assert cli("decode", *common, "--out", tmp_path / "eager")[0] == 0
+    for name in ("scan00000.png", "scan00001.png"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "eager" / name).read_bytes()
