@@ -226,12 +226,18 @@ def main(argv: list[str] | None = None) -> int:
         "end_to_end": [],
         "kernels": bench_kernels(names, args),
     }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> str:  # after every preset, so that a run cut short keeps what finished
+        (args.out / "gpu_bench.json").write_text(json.dumps(result, indent=2))
+        md = to_markdown(result)
+        (args.out / "gpu_bench.md").write_text(md)
+        return md
+
+    save()
     for name in names:
         result["end_to_end"] += bench_preset(name, args, rates)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_bench.json").write_text(json.dumps(result, indent=2))
-    md = to_markdown(result)
-    (args.out / "gpu_bench.md").write_text(md)
+        md = save()
     print(md)
     return 0
 
