@@ -9,11 +9,14 @@ M levels, T tokens per level, D context width, E VQ latent, h = w finest grid si
 - ``context``: pooled, context -> start [B, 1, C], ada_blocks [depth, B, 6, C], ada_head [B, 2, C],
   cross.{j}.key / cross.{j}.value [M, B, H, T, c] per layer, segment-major so that the segment a
   scale reads is one contiguous block (a host binds a pointer offset, no copy).
+  Class-conditional models (VAR blocks): labels [B] int64 -> start, ada_blocks, ada_head (no cross K/V;
+  the unconditional rows use the null label ``num_classes``), and no encoder graphs.
 - ``generator_step``: one graph for every scale (the weights exist once): h [B, l, C], rope.cos/sin
   [l, c], ada_blocks, ada_head, cross.{j}.key/value [B, H, T, c] of the scale's segment
   (block-causal: + past_key_values.{j}.key/value [B, H, past, c]) -> logits [B, l, V]
   (block-causal: + present.{j}.key/value [B, H, past + l, c]). l and past are the only axes that
-  change with the scale; each is static for a given scale.
+  change with the scale; each is static for a given scale. VAR blocks have no rope.* and no cross.*
+  inputs (absolute positions are added in ``context`` / ``update_<i>``; there is no context).
 - ``update_<i>``: f_hat [B, E, h, w], idx [B, l_i] -> f_hat_next, and (but for the last scale) the next
   scale's embedded input h [B, l_{i+1}, C] = word_embed(area_down(f_hat')) + lvl_embed[i + 1].
 - ``vq_decoder``: f_hat -> image [B, 3, H, W] in [0, 1].
@@ -40,19 +43,22 @@ class EncoderGraph(nn.Module):
 
 
 class ContextGraph(nn.Module):
-    """Everything that depends only on the scan, computed once (the context K/V cache and AdaLN vectors)."""
+    """Everything that depends only on the scan, computed once (the context K/V cache and AdaLN vectors).
+
+    Inputs: (pooled [B, D_pool], context [B, S, D]), or (labels [B],) for class-conditional models.
+    """
 
     def __init__(self, generator: ScaleGenerator) -> None:
         super().__init__()
         self.generator = generator
 
-    def forward(self, pooled_BD: Tensor, context_BSD: Tensor) -> tuple[Tensor, ...]:
+    def forward(self, cond: Tensor, context_BSD: Tensor | None = None) -> tuple[Tensor, ...]:
         gen, sched = self.generator, self.generator.schedule
-        state = gen.prepare(pooled_BD, context_BSD)
+        state = gen.prepare(cond, context_BSD)
         start_B1C = gen.embed_scale(0, None, state.start_B1C)
         outs: list[Tensor] = [start_B1C, torch.stack(state.ada_blocks), state.ada_head_B2C]
         M, T = sched.n_levels, sched.context_tokens
-        for k_BHSc, v_BHSc in state.ctx_kv:
+        for k_BHSc, v_BHSc in state.ctx_kv or ():
             for t in (k_BHSc, v_BHSc):
                 B, H, _, c = t.shape
                 outs.append(t.reshape(B, H, M, T, c).permute(2, 0, 1, 3, 4).contiguous())
@@ -72,20 +78,32 @@ class PastPresentKV:
 
 
 class StepGraph(nn.Module):
-    """One scale of the generator; the same graph serves every scale."""
+    """One scale of the generator; the same graph serves every scale.
+
+    Inputs: h, [rope.cos, rope.sin,] ada_blocks, ada_head, [cross K/V per layer,] [past K/V per layer]:
+    the bracketed groups exist for RoPE blocks, cross-attending blocks and block-causal mode respectively.
+    """
 
     def __init__(self, generator: ScaleGenerator) -> None:
         super().__init__()
         self.generator = generator
         self.depth = len(generator.blocks)
         self.block_causal = generator.cfg.generator.attn_mode == "block_causal"
+        self.rope = generator.rope_cos_Lc is not None
+        self.cross = generator.has_context
 
-    def forward(self, h_BlC, rope_cos_lc, rope_sin_lc, ada_blocks, ada_head, *kv: Tensor) -> tuple[Tensor, ...]:
-        d = self.depth
-        cross = [(kv[2 * j], kv[2 * j + 1]) for j in range(d)]
+    def forward(self, h_BlC: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
+        d, rest = self.depth, list(inputs)
+        rope_cos_lc = rope_sin_lc = None
+        if self.rope:
+            rope_cos_lc, rope_sin_lc, rest = rest[0], rest[1], rest[2:]
+        ada_blocks, ada_head, kv = rest[0], rest[1], rest[2:]
+        cross = None
+        if self.cross:
+            cross, kv = [(kv[2 * j], kv[2 * j + 1]) for j in range(d)], kv[2 * d :]
         caches = None
         if self.block_causal:
-            caches = [PastPresentKV(kv[2 * d + 2 * j], kv[2 * d + 2 * j + 1]) for j in range(d)]
+            caches = [PastPresentKV(kv[2 * j], kv[2 * j + 1]) for j in range(d)]
         logits = self.generator.blocks_step(h_BlC, rope_cos_lc, rope_sin_lc, ada_blocks, ada_head, cross, caches)
         if caches is None:
             return (logits,)

@@ -57,6 +57,22 @@ DECODE_LOOP = [
     "vq_decoder(f_hat) -> images in [0, 1]",
 ]
 
+# The same loop for class-conditional models (VAR blocks): labels instead of an encoder, no rope or cross inputs.
+DECODE_LOOP_CLASS = [
+    "rows = labels * samples (label-major); with guidance the batch is [conditional rows, unconditional rows]",
+    "labels: int64 class ids 0..num_classes-1 per row; the unconditional rows use the null label num_classes",
+    "context(labels) -> start, ada_blocks, ada_head (once per batch)",
+    "for scale i in 0..K-1:",
+    "  if guidance stops at i (sampling.cfg_stop): keep the first `rows` rows of every state tensor",
+    "  h = start at i = 0, else the `h_next` output of update_{i-1}",
+    "  generator_step(h, ada_blocks, ada_head, past_key_values.{j}.key/value = present of scale i-1 (empty at i = 0))"
+    " -> logits, present",
+    "  guided: logits = (1 + t_i) * logits[:rows] - t_i * logits[rows:], t_i = cfg_scale * i / (K - 1)",
+    "  idx_i = sample(logits, seed, scan, sample, i): the counter-based draw of docs/sampling.md",
+    "  update_i(f_hat, idx_i) -> f_hat_next, h_next (the next scale's input; duplicate it for the unconditional rows)",
+    "vq_decoder(f_hat) -> images in [0, 1]",
+]
+
 
 @dataclass
 class GraphExport:
@@ -106,7 +122,7 @@ def graph_exports(
     B = 2
     f = {"dtype": dtype}
     exports = []
-    for subject, voxels in cfg.encoder.subjects:
+    for subject, voxels in cfg.encoder.subjects if cfg.encoder is not None else ():
         if subjects is not None and subject not in subjects:
             continue
         exports.append(
@@ -119,44 +135,55 @@ def graph_exports(
                 ({0: rows},),
             )
         )
-    cross_names = [f"cross.{j}.{kv}" for j in range(d) for kv in ("key", "value")]
+    cross_names = [f"cross.{j}.{kv}" for j in range(d) for kv in ("key", "value")] if g.cross_attention else []
+    if g.condition == "class":
+        context_args: tuple = (torch.tensor([0, g.num_classes]),)
+        context_inputs, context_dyn = ["labels"], ({0: rows},)
+    else:
+        context_args = (torch.randn(B, g.pooled_dim or D, **f), torch.randn(B, M * T, D, **f))
+        context_inputs, context_dyn = ["pooled", "context"], ({0: rows}, {0: rows})
     exports.append(
         GraphExport(
             "context",
             ContextGraph(models.generator),
-            (torch.randn(B, D, **f), torch.randn(B, M * T, D, **f)),
-            ["pooled", "context"],
+            context_args,
+            context_inputs,
             ["start", "ada_blocks", "ada_head", *cross_names],
-            ({0: rows}, {0: rows}),
+            context_dyn,
         )
     )
     # trace the step at a scale with >= 2 tokens and >= 2 past tokens so no axis is specialised to 0 / 1
     i = 2 if sched.n_scales > 2 else sched.n_scales - 1
     l, off = sched.token_counts[i], sched.offsets[i]
-    step_args: list[Tensor] = [
-        torch.randn(B, l, C, **f),
-        models.generator.rope_cos_Lc[off : off + l].to(dtype),
-        models.generator.rope_sin_Lc[off : off + l].to(dtype),
-        torch.randn(d, B, 6, C, **f),
-        torch.randn(B, 2, C, **f),
-    ]
-    kv_args = [torch.randn(B, H, T, c, **f) for _ in range(2 * d)]
-    kv_dyn = [{0: rows} for _ in range(2 * d)]
-    step_inputs = ["h", "rope.cos", "rope.sin", "ada_blocks", "ada_head", *cross_names]
+    step_args: list[Tensor] = []
+    step_dyn: list[dict] = []
+    step_inputs = ["h"]
+    if g.rope:
+        step_args += [
+            models.generator.rope_cos_Lc[off : off + l].to(dtype),
+            models.generator.rope_sin_Lc[off : off + l].to(dtype),
+        ]
+        step_dyn += [{0: tokens}, {0: tokens}]
+        step_inputs += ["rope.cos", "rope.sin"]
+    step_args += [torch.randn(d, B, 6, C, **f), torch.randn(B, 2, C, **f)]
+    step_dyn += [{1: rows}, {0: rows}]
+    step_inputs += ["ada_blocks", "ada_head", *cross_names]
+    step_args += [torch.randn(B, H, T, c, **f) for _ in cross_names]
+    step_dyn += [{0: rows} for _ in cross_names]
     step_outputs = ["logits"]
     if g.attn_mode == "block_causal":
-        kv_args += [torch.randn(B, H, off, c, **f) for _ in range(2 * d)]
-        kv_dyn += [{0: rows, 2: past} for _ in range(2 * d)]
+        step_args += [torch.randn(B, H, off, c, **f) for _ in range(2 * d)]
+        step_dyn += [{0: rows, 2: past} for _ in range(2 * d)]
         step_inputs += [f"past_key_values.{j}.{kv}" for j in range(d) for kv in ("key", "value")]
         step_outputs += [f"present.{j}.{kv}" for j in range(d) for kv in ("key", "value")]
     exports.append(
         GraphExport(
             "generator_step",
             StepGraph(models.generator),
-            (*step_args, *kv_args),
+            (torch.randn(B, l, C, **f), *step_args),
             step_inputs,
             step_outputs,
-            ({0: rows, 1: tokens}, {0: tokens}, {0: tokens}, {1: rows}, {0: rows}, tuple(kv_dyn)),
+            ({0: rows, 1: tokens}, tuple(step_dyn)),
         )
     )
     for i, count in enumerate(sched.token_counts):
@@ -264,7 +291,7 @@ def export_bundle(
     if batch < 1 or samples < 1:
         raise ConfigError(f"batch and samples must be >= 1, got {batch} and {samples}")
     sampling = sampling or SamplingConfig()
-    known = [s for s, _ in models.cfg.encoder.subjects]
+    known = [s for s, _ in models.cfg.encoder.subjects] if models.cfg.encoder is not None else []
     unknown = sorted(set(subjects or ()) - set(known))
     if unknown:
         raise ConfigError(f"unknown subject(s) {', '.join(unknown)}; this model knows: {', '.join(known)}")
@@ -279,21 +306,30 @@ def export_bundle(
         if on_graph:
             on_graph(spec.name)
         graphs[spec.name] = _export_one(spec, out / f"{spec.name}.onnx")
-    np.save(out / "rope_cos.npy", models.generator.rope_cos_Lc.float().numpy())
-    np.save(out / "rope_sin.npy", models.generator.rope_sin_Lc.float().numpy())
     cfg = models.cfg
+    g = cfg.generator
+    tables = {}
+    if g.rope:
+        np.save(out / "rope_cos.npy", models.generator.rope_cos_Lc.float().numpy())
+        np.save(out / "rope_sin.npy", models.generator.rope_sin_Lc.float().numpy())
+        tables = {"rope_cos": "rope_cos.npy", "rope_sin": "rope_sin.npy"}
     rows = batch * samples * (2 if sampling.cfg_scale > 0 else 1)
+    encoder_subjects = cfg.encoder.subjects if cfg.encoder is not None else ()
+    condition: dict[str, Any] = {"kind": g.condition}
+    if g.condition == "class":
+        condition.update(num_classes=g.num_classes, null_label=g.num_classes, input="context.labels")
     manifest = {
         "config": cfg.to_dict(),
         "schedule": cfg.schedule.to_dict(),
         "scales": scale_table(models),
-        "subjects": {s: v for s, v in cfg.encoder.subjects if subjects is None or s in subjects},
+        "subjects": {s: v for s, v in encoder_subjects if subjects is None or s in subjects},
+        "condition": condition,
         "dtype": dtype,
         "batch": {"scans": batch, "samples": samples, "rows": rows},
         "sampling": sampling.to_dict(),
         "graphs": graphs,
-        "tables": {"rope_cos": "rope_cos.npy", "rope_sin": "rope_sin.npy"},
-        "decode_loop": DECODE_LOOP,
+        "tables": tables,
+        "decode_loop": DECODE_LOOP_CLASS if g.condition == "class" else DECODE_LOOP,
         "source": source,
         "versions": {
             "torch": torch.__version__,

@@ -1,6 +1,7 @@
 """`mindhier-rt`: the command line. Entry points print; the library logs.
 
-Every MindhierError is printed as one line (``error: ...``) with exit code 1, never a traceback.
+Every MindhierError is printed as one line (``error: ...``) with exit code 1, never a traceback; a missing
+optional dependency (``MissingDependencyError``: TensorRT, a GPU) exits with code 2.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from mindhier_rt.errors import InputError, MindhierError
+from mindhier_rt.errors import InputError, MindhierError, MissingDependencyError
 
 app = typer.Typer(
     name="mindhier-rt",
@@ -42,14 +43,14 @@ def info(
 
     cfg = preset(preset_name)
     models = MindHier.from_config(cfg, device="meta")
-    subject = cfg.encoder.subjects[0][0]
+    subject = cfg.encoder.subjects[0][0] if cfg.encoder is not None else None
     params = models.param_counts(subject)
     report = {
         "preset": cfg.name,
         "config": cfg.to_dict(),
         "schedule": cfg.schedule.to_dict(),
         "params": params,
-        "params_note": f"encoder = shared part + the input layer of {subject}",
+        "params_note": f"encoder = shared part + the input layer of {subject}" if subject else "no fMRI encoder",
     }
     if as_json:
         _echo_json(report)
@@ -84,23 +85,33 @@ def init(
     typer.echo(f"wrote {out}")
 
 
+VAE_HELP = "VQ-VAE of a public generator: vae_ch160v4096z32.pth (VAR) or the Switti VQ-VAE folder"
+
+
 @app.command()
 def export(
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="checkpoint (.safetensors) with encoder, generator, vqvae")],
+    ckpt: Annotated[
+        Path,
+        typer.Option(
+            "--ckpt", help="checkpoint (.safetensors), or a public generator: var_d16.pth, a Switti / MindHier folder"
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="bundle folder to write")],
     dtype: Annotated[str, typer.Option(help="float32 or float16 weights")] = "float32",
     batch: Annotated[int, typer.Option(min=1, help="scans per run (recorded shapes; graphs take any batch)")] = 1,
     samples: Annotated[int, typer.Option(min=1, help="samples per scan (recorded shapes)")] = 1,
     subjects: Annotated[str | None, typer.Option(help="comma-separated subjects to export (default: all)")] = None,
+    vae: Annotated[Path | None, typer.Option("--vae", help=VAE_HELP)] = None,
 ) -> None:
     """Export a checkpoint to an engine bundle: ONNX graphs, tables and manifest.json."""
     from rich.progress import Progress
 
     from mindhier_rt.export.onnx_export import export_bundle
-    from mindhier_rt.models.mindhier import MindHier
+    from mindhier_rt.importers import load_models
 
-    models = MindHier.load(ckpt)
-    n_subjects = len(models.cfg.encoder.subjects) if subjects is None else len(subjects.split(","))
+    models = load_models(ckpt, vae)
+    all_subjects = models.cfg.encoder.subjects if models.cfg.encoder is not None else ()
+    n_subjects = len(all_subjects) if subjects is None else len(subjects.split(","))
     n_graphs = n_subjects + models.cfg.schedule.n_scales + 3
     with Progress(transient=True) as progress:
         task = progress.add_task("exporting", total=n_graphs)
@@ -115,25 +126,69 @@ def export(
     typer.echo(f"wrote {out}: {len(bundle.manifest['graphs'])} graphs, {size / 1e6:.1f} MB")
 
 
-def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, device: str):
-    """The backend for decode/profile: --ckpt runs the torch reference, --engine a bundle."""
+@app.command()
+def build(
+    engine: Annotated[Path, typer.Option("--engine", help="engine bundle from `mindhier-rt export`")],
+    precision: Annotated[
+        str | None, typer.Option(help="fp16, bf16 or fp32 (default: the bundle's export dtype)")
+    ] = None,
+    workspace_gib: Annotated[float | None, typer.Option(help="builder workspace limit in GiB")] = None,
+    timing_cache: Annotated[
+        Path | None, typer.Option(help="persistent timing cache (default: ~/.cache/mindhier-rt/, per version and GPU)")
+    ] = None,
+    version_compatible: Annotated[bool, typer.Option(help="plans that later TensorRT runtimes can run")] = False,
+    kv_cache: Annotated[
+        str, typer.Option(help="block-causal self cache: auto, in-place (TensorRT >= 10.15) or ping-pong")
+    ] = "auto",
+    batch: Annotated[int | None, typer.Option(min=1, help="scans per run (default: the export's)")] = None,
+    samples: Annotated[int | None, typer.Option(min=1, help="samples per scan (default: the export's)")] = None,
+) -> None:
+    """Build TensorRT plans next to the bundle's ONNX graphs and record them in its manifest."""
+    from rich.progress import Progress
+
+    from mindhier_rt.export.tensorrt_build import BuildOptions, TensorRTPlanBuilder, build_plans
+
+    if kv_cache not in ("auto", "in-place", "ping-pong"):
+        raise InputError(f"--kv-cache must be auto, in-place or ping-pong, got {kv_cache!r}")
+    options = BuildOptions(
+        precision=precision, workspace_gib=workspace_gib, timing_cache=timing_cache,
+        version_compatible=version_compatible, self_cache=kv_cache.replace("-", "_"), scans=batch, samples=samples,
+    )  # fmt: skip
+    builder = TensorRTPlanBuilder(timing_cache)  # fails first, in one line, without TensorRT or a GPU
+    with Progress(transient=True) as progress:
+        task = progress.add_task("building", total=None)
+
+        def on_graph(name: str, index: int, count: int) -> None:
+            progress.update(task, description=f"building {name} ({index + 1}/{count})", completed=index, total=count)
+
+        report = build_plans(engine, options, builder=builder, on_graph=on_graph)
+    env = builder.environment()
+    typer.echo(
+        f"built {len(report.plans)} plans in {report.seconds:.0f} s with TensorRT {env.tensorrt_version} on {env.gpu} "
+        f"({report.self_cache.replace('_', '-')} self cache); timing cache {builder.timing_cache_path}"
+    )
+
+
+def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, device: str, vae: Path | None = None):
+    """The backend for decode/profile: --ckpt (+ --vae for public generators) runs the torch reference, --engine a
+    bundle."""
     if (ckpt is None) == (engine is None):
         raise InputError("give exactly one of --ckpt CKPT (PyTorch reference) or --engine BUNDLE (exported graphs)")
     backend = backend or ("torch" if ckpt is not None else "onnxruntime")
     if backend == "torch":
         if ckpt is None:
             raise InputError("--backend torch runs a checkpoint: pass --ckpt instead of --engine")
-        from mindhier_rt.models.mindhier import MindHier
+        from mindhier_rt.importers import load_models
         from mindhier_rt.runtime.torch_backend import TorchBackend
 
-        return TorchBackend(MindHier.load(ckpt, device=device), device=device)
+        return TorchBackend(load_models(ckpt, vae, device=device), device=device)
     if backend == "torch-fast":
         if ckpt is None:
             raise InputError("--backend torch-fast runs a checkpoint: pass --ckpt instead of --engine")
-        from mindhier_rt.models.mindhier import MindHier
+        from mindhier_rt.importers import load_models
         from mindhier_rt.runtime.torch_fast import FastTorchBackend
 
-        return FastTorchBackend(MindHier.load(ckpt), device=device)
+        return FastTorchBackend(load_models(ckpt, vae), device=device)
     if backend == "onnxruntime":
         if engine is None:
             raise InputError("--backend onnxruntime runs a bundle: export one and pass --engine BUNDLE")
@@ -141,17 +196,29 @@ def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, d
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
         return OnnxRuntimeBackend(engine, providers=providers)
-    raise InputError(f"unknown backend {backend!r}; choose torch, torch-fast or onnxruntime")
+    if backend == "tensorrt":
+        if engine is None:
+            raise InputError("--backend tensorrt runs a bundle: export it, `mindhier-rt build` it, pass --engine")
+        from mindhier_rt.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(engine, device=device if device.startswith("cuda") else "cuda")
+    raise InputError(f"unknown backend {backend!r}; choose torch, torch-fast, onnxruntime or tensorrt")
 
 
 @app.command()
 def decode(
-    fmri: Annotated[Path, typer.Option("--fmri", help="voxels: .npy / .npz / .h5, one row per scan")],
-    subject: Annotated[str, typer.Option("--subject", help="subject id, e.g. subj01")],
     out: Annotated[Path, typer.Option("--out", help="output folder for the PNGs and decode.json")],
+    fmri: Annotated[Path | None, typer.Option("--fmri", help="voxels: .npy / .npz / .h5, one row per scan")] = None,
+    subject: Annotated[str | None, typer.Option("--subject", help="subject id, e.g. subj01")] = None,
+    class_label: Annotated[
+        list[int] | None, typer.Option("--class-label", help="class-conditional models (VAR): a label; repeatable")
+    ] = None,
+    vae: Annotated[Path | None, typer.Option("--vae", help=VAE_HELP)] = None,
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="checkpoint: decode with the PyTorch reference")] = None,
     engine: Annotated[Path | None, typer.Option("--engine", help="engine bundle from `mindhier-rt export`")] = None,
-    backend: Annotated[str | None, typer.Option(help="torch or torch-fast (--ckpt), onnxruntime (--engine)")] = None,
+    backend: Annotated[
+        str | None, typer.Option(help="torch or torch-fast (--ckpt); onnxruntime (default) or tensorrt (--engine)")
+    ] = None,
     samples: Annotated[int, typer.Option(min=1, help="samples per scan")] = 1,
     seed: Annotated[int, typer.Option(min=0, help="seed of the token draws")] = 0,
     cfg_scale: Annotated[float, typer.Option("--cfg", min=0.0, help="guidance scale (0 = off)")] = 6.0,
@@ -163,19 +230,35 @@ def decode(
     key: Annotated[str | None, typer.Option(help="array name inside .npz / .h5 files (default: voxels)")] = None,
     device: Annotated[str, typer.Option(help="torch device / cuda for the CUDA execution provider")] = "cpu",
 ) -> None:
-    """Reconstruct images from fMRI scans, from a checkpoint (torch) or an engine bundle (onnxruntime)."""
+    """Reconstruct images from fMRI scans, from a checkpoint (torch) or an engine bundle (onnxruntime).
+
+    Class-conditional models (VAR checkpoints, e.g. `--ckpt var_d16.pth --vae vae_ch160v4096z32.pth`) decode
+    `--class-label N` (repeatable) instead of `--fmri`/`--subject`.
+
+    Writes scanNNNNN.png (scanNNNNN_sK.png with --samples), pooled.npy (per scan the encoder's pooled output:
+    the brain-predicted CLIP embedding that `evaluate` selects samples and retrieves with) and decode.json.
+    """
+    import numpy as np
     import torch
     from rich.progress import Progress
 
-    from mindhier_rt.io import finite_rows, read_voxels, save_png, write_json
+    from mindhier_rt.io import atomic_write, finite_rows, read_voxels, save_png, write_json
     from mindhier_rt.pipeline import reconstruct
     from mindhier_rt.sampling import SamplingConfig
 
     sampling = SamplingConfig(
         cfg_scale=cfg_scale, cfg_stop=cfg_stop, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed
     )
+    if (fmri is None) == (not class_label) or (fmri is not None and subject is None):
+        raise InputError("give --fmri VOXELS --subject S (fMRI models) or --class-label N (class-conditional models)")
+    if class_label:
+        runner = _open_backend(ckpt, engine, backend, device, vae)
+        _decode_labels(runner, class_label, out, sampling, samples, batch, {"ckpt": ckpt, "engine": engine})
+        return
     voxels = read_voxels(fmri, key=key)
-    runner = _open_backend(ckpt, engine, backend, device)
+    runner = _open_backend(ckpt, engine, backend, device, vae)
+    if runner.cfg.generator.condition == "class":
+        raise InputError(f"model {runner.cfg.name} is class-conditional: pass --class-label N instead of --fmri")
     expected = runner.cfg.encoder.voxel_count(subject)
     if voxels.shape[1] != expected:
         raise InputError(f"{fmri}: subject {subject} expects {expected} voxels per scan, got {voxels.shape[1]}")
@@ -186,6 +269,7 @@ def decode(
     good_ids = good.nonzero()[0]
     out.mkdir(parents=True, exist_ok=True)
     written: list[dict] = []
+    pooled = None  # [scans, D]: the encoder's pooled output (brain-predicted CLIP embedding); NaN rows: skipped
     t0 = time.perf_counter()
     with Progress(transient=True) as progress:
         task = progress.add_task("decoding", total=len(good_ids))
@@ -200,19 +284,28 @@ def decode(
                     name = f"scan{scan:05d}.png" if samples == 1 else f"scan{scan:05d}_s{s}.png"
                     save_png(out / name, rec.images_NS3HW[row, s])
                     written.append({"scan": int(scan), "sample": s, "file": name})
+            if rec.pooled_ND is not None:
+                if pooled is None:
+                    pooled = np.full((len(voxels), rec.pooled_ND.shape[1]), np.nan, dtype=np.float32)
+                pooled[ids] = rec.pooled_ND.numpy()
             progress.advance(task, len(ids))
     seconds = time.perf_counter() - t0
+    if pooled is not None:
+        atomic_write(out / "pooled.npy", lambda tmp: np.save(tmp, pooled))
     write_json(
         out / "decode.json",
         {
             "ckpt": None if ckpt is None else str(ckpt),
             "engine": None if engine is None else str(engine),
             "fmri": str(fmri),
+            "fmri_resolved": str(fmri.resolve()),
+            "key": key,
             "subject": subject,
             "backend": runner.name,
             "sampling": sampling.to_dict(),
             "samples": samples,
             "images": written,
+            "pooled": None if pooled is None else "pooled.npy",
             "skipped": skipped,
             "seconds": round(seconds, 3),
         },
@@ -222,6 +315,36 @@ def decode(
     )
     if not len(good_ids):
         raise typer.Exit(1)
+
+
+def _decode_labels(runner, labels: list[int], out: Path, sampling, samples: int, batch: int, source: dict) -> None:
+    """`decode --class-label`: images of class labels (VAR), written as classLLLL_NNN[_sK].png + decode.json."""
+    import torch
+    from rich.progress import Progress
+
+    from mindhier_rt.io import save_png, write_json
+    from mindhier_rt.pipeline import generate
+
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[dict] = []
+    t0 = time.perf_counter()
+    with Progress(transient=True) as progress:
+        task = progress.add_task("decoding", total=len(labels))
+        for start in range(0, len(labels), batch):
+            ids = torch.arange(start, min(start + batch, len(labels)))
+            rec = generate(runner, torch.tensor(labels)[ids], sampling, samples=samples, scan_ids=ids)
+            for row, i in enumerate(ids.tolist()):
+                for s in range(samples):
+                    name = f"class{labels[i]:04d}_{i:03d}" + (f"_s{s}" if samples > 1 else "") + ".png"
+                    save_png(out / name, rec.images_NS3HW[row, s])
+                    written.append({"row": i, "class_label": labels[i], "sample": s, "file": name})
+            progress.advance(task, len(ids))
+    seconds = time.perf_counter() - t0
+    report = {k: None if v is None else str(v) for k, v in source.items()}
+    report |= {"class_labels": list(labels), "backend": runner.name, "sampling": sampling.to_dict()}
+    report |= {"samples": samples, "images": written, "seconds": round(seconds, 3)}
+    write_json(out / "decode.json", report)
+    typer.echo(f"decoded {len(labels)} class labels with {runner.name} into {out} in {seconds:.1f} s")
 
 
 PROFILE_BACKENDS = ("torch", "torch-fast", "onnxruntime")
@@ -326,6 +449,8 @@ def profile(
         if any(r.cfg != runners[0].cfg for r in runners):
             raise InputError(f"the checkpoint and {engine} hold different model configs: profile them separately")
         cfg = runners[0].cfg
+        if cfg.encoder is None:
+            raise InputError(f"profile times fMRI decoding; model {cfg.name} has no fMRI encoder")
         subject = subject or cfg.encoder.subjects[0][0]
         cfg.encoder.voxel_count(subject)  # ConfigError naming the known subjects
         typer.echo(f"profiling {', '.join(names)} in turns: {repeats} runs each after {warmup} warm-up ...", err=True)
@@ -408,18 +533,82 @@ def demo(
     typer.echo(f"wrote {out / 'reconstructions.png'} and {out / 'metrics.json'}")
 
 
+@app.command()
+def evaluate(
+    recon: Annotated[Path, typer.Option("--recon", help="a `mindhier-rt decode` folder of test-split scans")],
+    data: Annotated[Path, typer.Option("--data", help="data folder: mindhier-rt layout or the MindEye2 NSD files")],
+    subject: Annotated[str, typer.Option("--subject", help="subject id, e.g. subj01")],
+    weights_dir: Annotated[
+        Path, typer.Option("--weights-dir", help="local weights of AlexNet, Inception-v3, EfficientNet-B1, SwAV, CLIP")
+    ] = Path("~/.cache/mindhier-rt/weights"),
+    json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this JSON file")] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(help="comma-separated: pixcorr,ssim,alexnet2,alexnet5,inception,clip,effnet,swav,retrieval"),
+    ] = None,
+    oracle_best_of_n: Annotated[
+        bool, typer.Option("--oracle-best-of-n", help="keep the sample closest to the GROUND TRUTH (an oracle)")
+    ] = False,
+    clip_model: Annotated[str, typer.Option(help="open_clip model name; weights file <name>.pt")] = "ViT-L-14",
+    device: Annotated[str, typer.Option(help="torch device of the networks")] = "cpu",
+    batch: Annotated[int, typer.Option(min=1, help="images per network forward pass")] = 16,
+) -> None:
+    """Score reconstructions with the NSD protocol: PixCorr, SSIM, AlexNet(2/5), Inception, CLIP, EffNet-B, SwAV,
+    retrieval.
+
+    Each decoded scan is matched to the subject's test-split row (repeats averaged) holding the same voxels, which
+    gives its ground-truth image. With several samples per scan, the one most CLIP-similar to the brain-predicted
+    embedding (decode's pooled.npy) is kept; --oracle-best-of-n compares with the ground truth instead and the
+    results say so. Network weights come from local files in --weights-dir only.
+    """
+    from mindhier_rt.evaluate import LABELS, evaluate_decode
+    from mindhier_rt.io import write_json
+
+    names = None if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()]
+    result = evaluate_decode(
+        recon, data, subject, weights_dir.expanduser(), names, clip_model=clip_model,
+        oracle_best_of_n=oracle_best_of_n, device=device, batch=batch,
+        on_progress=lambda msg: typer.echo(f"{msg} ...", err=True),
+    )  # fmt: skip
+    sel = result["selection"]
+    typer.echo(f"{result['n_images']} test images of {subject}, {result['samples_per_scan']} sample(s) per scan")
+    typer.echo(f"selection: {sel['method']}: {sel['note']}")
+    for name, value in result["metrics"].items():
+        if name in ("pixcorr", "ssim"):
+            shown = f"{value:.3f}"
+        elif name in ("effnet", "swav"):
+            shown = f"{value:.3f}  (distance, lower is better)"
+        else:
+            shown = f"{100 * value:.1f}%  (two-way, chance 50%)"
+        typer.echo(f"  {LABELS[name]:<11} {shown}")
+    if result["retrieval"] is not None:
+        r = result["retrieval"]
+        typer.echo(
+            f"  retrieval   image {100 * r['image_top1']:.1f}%, brain {100 * r['brain_top1']:.1f}% "
+            f"(top-1 of {r['n_way']}, chance {100 * r['chance']:.1f}%)"
+        )
+    elif result["retrieval_note"]:
+        typer.echo(f"  retrieval   not computed: {result['retrieval_note']}")
+    if result["oracle_best_of_n"]:
+        typer.echo("ORACLE best-of-N: samples were chosen with the ground truth; these are not fair scores", err=True)
+    if json_out is not None:
+        write_json(json_out, result)
+        typer.echo(f"wrote {json_out}")
+
+
 # The default steps and learning rates of the train commands are the demo's recipe (DemoSettings);
-# tests/test_train.py checks that they agree.
+# tests/test_train.py checks that they agree. Stages 1 and 2 also run under torchrun, one process per GPU:
+#   torchrun --standalone --nproc_per_node N -m mindhier_rt.cli train stage2 ...   (or: --no-python mindhier-rt ...)
 train_app = typer.Typer(help="Train the VQ-VAE, stage 1 (encoder) or stage 2 (generator) on a data folder.")
 app.add_typer(train_app, name="train")
 
 
 def _train_setup(data_dir: Path, preset_name: str, init: Path | None, need: tuple[str, ...]):
     from mindhier_rt.config import preset
-    from mindhier_rt.data.nsd import BrainDataset
+    from mindhier_rt.data import open_dataset
     from mindhier_rt.models.mindhier import MindHier
 
-    data = BrainDataset(data_dir)
+    data = open_dataset(data_dir)
     if init is not None:
         models = MindHier.load(init, require=need)
     else:
@@ -434,18 +623,36 @@ def _train_setup(data_dir: Path, preset_name: str, init: Path | None, need: tupl
     return data, models
 
 
-DataOpt = Annotated[Path, typer.Option("--data", help="data folder (mindhier-rt synth layout / NSD layout)")]
+DataOpt = Annotated[
+    Path, typer.Option("--data", help="data folder: the mindhier-rt layout (`synth`) or the MindEye2 NSD files")
+]
 RunOpt = Annotated[Path, typer.Option("--out", help="run folder: state, loss log, model.safetensors")]
 InitOpt = Annotated[Path | None, typer.Option("--init", help="checkpoint to start from (earlier stages' weights)")]
 PresetOpt = Annotated[str, typer.Option("--preset", help="model preset when starting from scratch")]
 StepsOpt = Annotated[int, typer.Option(min=1)]
 ResumeOpt = Annotated[bool, typer.Option(help="continue from the run folder's saved state")]
+AmpOpt = Annotated[str, typer.Option(help="mixed precision of the loss: off, bf16 or fp16 (fp16 scales gradients)")]
 
 
-def _tcfg(steps: int, batch_size: int, lr: float, seed: int):
-    from mindhier_rt.train.loop import TrainConfig
+def _tcfg(steps: int, batch_size: int, lr: float, seed: int, amp: str = "off"):
+    from mindhier_rt.train.loop import TrainConfig, amp_dtype
 
-    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    amp_dtype(amp)  # validates
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, amp=amp)
+
+
+def _distributed(batch_size: int):
+    """This process's place in a torchrun launch (a plain single process without one); the process group is
+    closed at exit. The global batch must split evenly over the processes."""
+    import atexit
+
+    from mindhier_rt.train.distributed import init_distributed
+
+    ctx = init_distributed()
+    atexit.register(ctx.close)
+    if batch_size % ctx.world_size:
+        raise InputError(f"--batch-size {batch_size} (the global batch) must divide by {ctx.world_size} processes")
+    return ctx
 
 
 @train_app.command("vqvae")
@@ -460,8 +667,13 @@ def train_vqvae_cmd(
     seed: int = 0,
     resume: ResumeOpt = True,
 ) -> None:
-    """Reconstruction + codebook/commitment losses on the training images."""
+    """Reconstruction + codebook/commitment losses on the training images (one process: not under torchrun)."""
+    import os
+
     import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("train vqvae runs in one process (its codebook restarts use whole batches); drop torchrun")
 
     from mindhier_rt.train.stages import load_trials, train_vqvae
 
@@ -489,19 +701,25 @@ def train_stage1_cmd(
         "random-vit"
     ),
     clip_weights: Annotated[Path | None, typer.Option(help="local CLIP ViT-L/14 checkpoint for --teacher clip")] = None,
+    feature_cache: Annotated[
+        Path | None, typer.Option(help="folder of teacher features: computed once for the training images, then reused")
+    ] = None,
+    amp: AmpOpt = "off",
 ) -> None:
     """Align the encoder's levels to a frozen teacher's layer taps (hierarchical MSE + SoftCLIP).
 
     Teachers: the frozen random ViT of the synthetic benchmark (no download), or CLIP ViT-L/14 through
     open_clip with weights from a local file (needs the `train` extra and a 768-wide, 257-token config).
+    With --feature-cache the teacher runs once per training image and the features are read from disk
+    afterwards (keyed by teacher, its weights and the data set); without it they are computed in memory.
     """
     import torch
 
     from mindhier_rt.train.stages import load_trials, train_stage1
     from mindhier_rt.train.teacher import HashTextTeacher, RandomViTTeacher
 
+    ctx = _distributed(batch_size)
     ds, models = _train_setup(data, preset_name, init, ())
-    images = torch.from_numpy(ds.images())
     cfg = models.cfg
     if teacher == "clip":
         from mindhier_rt.train.clip_teacher import ClipTeacher
@@ -517,11 +735,34 @@ def train_stage1_cmd(
         text_teacher = HashTextTeacher(cfg, seed=teacher_seed)
     else:
         raise InputError(f"unknown teacher {teacher!r}; choose random-vit or clip")
-    levels = torch.cat([image_teacher.image_levels(images[i : i + 256]) for i in range(0, len(images), 256)])
-    text = text_teacher.text_tokens(ds.captions())
-    train_stage1(models, load_trials(ds), levels, text, _tcfg(steps, batch_size, lr, seed), out, resume=resume)
-    models.save(out / "model.safetensors")
-    typer.echo(f"wrote {out / 'model.safetensors'}")
+    trials = load_trials(ds)
+    cached = None
+    if feature_cache is None:
+        images = torch.from_numpy(ds.images())
+        levels = torch.cat([image_teacher.image_levels(images[i : i + 256]) for i in range(0, len(images), 256)])
+        text = text_teacher.text_tokens(ds.captions())
+    else:
+        from mindhier_rt.data import dataset_id
+        from mindhier_rt.train.feature_cache import FeatureCache, teacher_features, weights_hash
+
+        taps = ".".join(map(str, cfg.schedule.clip_layers))
+        cache = FeatureCache(
+            feature_cache, f"{teacher}-L{taps}-t{cfg.encoder.text_tokens}",
+            weights_hash(*dict.fromkeys((image_teacher, text_teacher))), dataset_id(ds),
+        )  # fmt: skip
+        needed = torch.unique(torch.cat([t.image_index_n for t in trials])).numpy()
+        with ctx.main_first():  # under torchrun rank 0 fills the cache, the others then read it
+            cached = teacher_features(cache, needed, ds.images, ds.captions, image_teacher, text_teacher)
+        levels, text = cached.levels, cached.text
+    try:
+        tcfg = _tcfg(steps, batch_size, lr, seed, amp)
+        train_stage1(models, trials, levels, text, tcfg, out, resume=resume, dist=ctx)
+    finally:
+        if cached is not None:
+            cached.close()
+    if ctx.is_main:
+        models.save(out / "model.safetensors")
+        typer.echo(f"wrote {out / 'model.safetensors'}")
 
 
 @train_app.command("stage2")
@@ -535,17 +776,63 @@ def train_stage2_cmd(
     seed: int = 0,
     resume: ResumeOpt = True,
     cond_drop: Annotated[float, typer.Option(min=0.0, max=1.0, help="condition dropout for guidance")] = 0.1,
+    amp: AmpOpt = "off",
+    grad_checkpoint: Annotated[
+        bool, typer.Option("--grad-checkpoint", help="recompute each generator block in backward (less memory)")
+    ] = False,
+    fsdp: Annotated[bool, typer.Option(help="under torchrun: shard the generator (FSDP), else DDP replicas")] = True,
 ) -> None:
-    """Train the generator on the token pyramids with the encoder and VQ-VAE frozen (needs --init)."""
+    """Train the generator on the token pyramids with the encoder and VQ-VAE frozen (needs --init).
+
+    Prints the estimated GPU memory per process before training starts. Under torchrun the generator is sharded
+    over the processes (FSDP, one unit per block; --no-fsdp: DDP replicas) and --batch-size is the global batch.
+    """
     import torch
 
+    from mindhier_rt.train.memory import estimate_stage2_memory, memory_table
     from mindhier_rt.train.stages import load_trials, train_stage2
 
+    ctx = _distributed(batch_size)
+    tcfg = _tcfg(steps, batch_size, lr, seed, amp)
     ds, models = _train_setup(data, "demo", init, ("encoder", "vqvae"))
+    if ctx.is_main:
+        shard = fsdp and ctx.world_size > 1
+        per_gpu = batch_size // ctx.world_size
+        est = estimate_stage2_memory(models.cfg, per_gpu, ctx.world_size, amp, grad_checkpoint, shard)
+        typer.echo(memory_table(models.cfg, est, per_gpu, ctx.world_size, amp, grad_checkpoint, shard))
     images = torch.from_numpy(ds.images())
-    train_stage2(models, load_trials(ds), images, _tcfg(steps, batch_size, lr, seed), out, cond_drop, resume=resume)
-    models.save(out / "model.safetensors")
-    typer.echo(f"wrote {out / 'model.safetensors'}")
+    train_stage2(
+        models, load_trials(ds), images, tcfg, out, cond_drop, resume=resume, dist=ctx, fsdp=fsdp,
+        grad_checkpoint=grad_checkpoint,
+    )  # fmt: skip
+    if ctx.is_main:
+        models.save(out / "model.safetensors")
+        typer.echo(f"wrote {out / 'model.safetensors'}")
+
+
+@train_app.command("memory")
+def train_memory_cmd(
+    preset_name: Annotated[str, typer.Option("--preset", help="model preset whose generator is trained")] = (
+        "mindhier-512"
+    ),
+    batch_per_gpu: Annotated[int, typer.Option(min=1, help="samples per GPU and step")] = 4,
+    gpus: Annotated[int, typer.Option(min=1, help="processes (GPUs) of the torchrun launch")] = 8,
+    amp: AmpOpt = "bf16",
+    grad_checkpoint: Annotated[bool, typer.Option("--grad-checkpoint/--no-grad-checkpoint")] = True,
+    fsdp: Annotated[bool, typer.Option(help="shard over the GPUs (else DDP replicas)")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output (bytes)")] = False,
+) -> None:
+    """Estimated GPU memory per process of stage 2 for a preset, without building or training anything."""
+    from mindhier_rt.config import preset
+    from mindhier_rt.train.memory import estimate_stage2_memory, memory_table
+
+    cfg = preset(preset_name)
+    shard = fsdp and gpus > 1
+    est = estimate_stage2_memory(cfg, batch_per_gpu, gpus, amp, grad_checkpoint, shard)
+    if as_json:
+        _echo_json(est)
+        return
+    typer.echo(memory_table(cfg, est, batch_per_gpu, gpus, amp, grad_checkpoint, shard))
 
 
 def main() -> None:
@@ -553,6 +840,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
+    except MissingDependencyError as e:  # TensorRT, a GPU, cuda-python: exit code 2
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
     except MindhierError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)

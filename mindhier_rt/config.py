@@ -3,6 +3,11 @@
 Values shared by several models (vocabulary, VQ latent width, context width, levels, patch_nums) live
 once, on ``ModelConfig``; the sub-configs hold only what is private to their model. The schedule is
 derived here once (``cfg.schedule``) and handed to everyone else.
+
+Two generator families share one generator class (``GeneratorConfig.block`` / ``.condition``):
+``switti`` blocks conditioned on fMRI (MindHier: a pooled feature plus the hierarchical cross-attention
+context from the encoder) and ``var`` blocks conditioned on class labels (VAR checkpoints: no encoder,
+``ModelConfig.encoder`` is None, the class embedding is start token and AdaLN condition).
 """
 
 from __future__ import annotations
@@ -14,6 +19,13 @@ from typing import Any, Literal
 
 from mindhier_rt.errors import ConfigError
 from mindhier_rt.schedule import ATTN_MODES, PATCH_NUMS_256, PATCH_NUMS_512, AttnMode, Guidance, Schedule
+
+BlockKind = Literal["switti", "var"]
+ConditionKind = Literal["fmri", "class"]
+RopeLayout = Literal["rows_first", "switti"]
+# The (block, condition) pairs a generator can be built as.
+GENERATOR_KINDS: tuple[tuple[str, str], ...] = (("switti", "fmri"), ("var", "class"))
+ROPE_LAYOUTS: tuple[str, ...] = ("rows_first", "switti")
 
 # nsdgeneral voxel counts of the eight NSD subjects (REFERENCE §2).
 NSD_SUBJECTS: tuple[tuple[str, int], ...] = (
@@ -49,18 +61,29 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class GeneratorConfig:
-    """Switti-style scale-wise autoregressive transformer."""
+    """Scale-wise autoregressive transformer: Switti-style blocks (default) or VAR blocks."""
 
     depth: int
     width: int  # C
     heads: int
     attn_mode: AttnMode = "scale_local"
-    mlp_ratio: float = 8 / 3  # SwiGLU hidden = int(C * mlp_ratio)
+    mlp_ratio: float = 8 / 3  # FFN hidden = int(C * mlp_ratio): SwiGLU (switti), GELU-tanh MLP (var, 4.0)
     rope_theta: float = 10000.0
     rope_grid: float = 128.0  # grid positions are scaled to 0..rope_grid on every scale
     crop_cond: bool = False  # Switti's crop conditioning (orig_h, orig_w, crop_top, crop_left)
     crop_freqs: int = 64  # Gaussian Fourier frequencies per crop scalar
     norm_eps: float = 1e-6
+    # "switti": AdaLN self-attention (qk LayerNorm, 2D RoPE) + cross-attention + SwiGLU, sandwich RMSNorms.
+    # "var": AdaLN self-attention (L2-normalised q/k, learned per-head scale) + GELU MLP, absolute positions.
+    block: BlockKind = "switti"
+    # "fmri": pooled feature [B, pooled_dim] + cross-attention context from the encoder; "class": labels [B].
+    condition: ConditionKind = "fmri"
+    num_classes: int = 1000  # class condition: labels 0..num_classes-1; num_classes itself is the null label
+    pooled_dim: int | None = None  # width of the pooled condition vector (None: the context width D)
+    # "rows_first": mindhier-rt's RoPE (first half of the rotary pairs turns with the row, float64 tables);
+    # "switti": Switti's table (first half turns with the column, computed in float32), for imported weights.
+    rope_layout: RopeLayout = "rows_first"
+    crop_unit: float = 1.0  # the uncropped crop condition is (crop_unit, crop_unit, 0, 0); Switti: 512 (pixels)
 
     @property
     def head_dim(self) -> int:
@@ -69,6 +92,16 @@ class GeneratorConfig:
     @property
     def ffn_dim(self) -> int:
         return int(self.width * self.mlp_ratio)
+
+    @property
+    def cross_attention(self) -> bool:
+        """Whether the blocks cross-attend to an encoder context (switti blocks) or not (var blocks)."""
+        return self.block == "switti"
+
+    @property
+    def rope(self) -> bool:
+        """Rotary positions (switti blocks) rather than learned absolute ones (var blocks)."""
+        return self.block == "switti"
 
 
 @dataclass(frozen=True)
@@ -94,7 +127,7 @@ class ModelConfig:
     name: str
     image_size: int
     patch_nums: tuple[int, ...]
-    encoder: EncoderConfig
+    encoder: EncoderConfig | None  # None: no fMRI encoder (class-conditional models, imported generators)
     generator: GeneratorConfig
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     n_levels: int = 4  # M
@@ -113,11 +146,25 @@ class ModelConfig:
         g = self.generator
         if g.width % g.heads:
             raise ConfigError(f"generator width {g.width} is not divisible by heads {g.heads}")
-        if g.head_dim % 4:
+        if (g.block, g.condition) not in GENERATOR_KINDS:
+            known = ", ".join(f"block={b!r} with condition={c!r}" for b, c in GENERATOR_KINDS)
+            raise ConfigError(
+                f"generator block {g.block!r} with condition {g.condition!r} is not supported; use {known}"
+            )
+        if g.rope and g.head_dim % 4:
             raise ConfigError(f"generator head dim {g.head_dim} must be divisible by 4 (2D RoPE pairs)")
+        if g.rope_layout not in ROPE_LAYOUTS:
+            raise ConfigError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {g.rope_layout!r}")
         if g.attn_mode not in ATTN_MODES:
             raise ConfigError(f"attn_mode must be one of {ATTN_MODES}, got {g.attn_mode!r}")
-        if self.context_dim % self.encoder.heads:
+        if g.condition == "class":
+            if self.encoder is not None:
+                raise ConfigError("a class-conditional generator takes labels, not fMRI: its config has no encoder")
+            if g.num_classes < 1:
+                raise ConfigError(f"num_classes must be >= 1, got {g.num_classes}")
+            if g.crop_cond:
+                raise ConfigError("crop conditioning is a Switti-block option; VAR blocks have none")
+        if self.encoder is not None and self.context_dim % self.encoder.heads:
             raise ConfigError(f"context_dim {self.context_dim} is not divisible by encoder heads {self.encoder.heads}")
         expected = self.patch_nums[-1] * self.vqvae.downsample
         if self.image_size != expected:
@@ -127,7 +174,7 @@ class ModelConfig:
             )
         if self.conditioning not in ("hierarchical", "single"):
             raise ConfigError(f"conditioning must be 'hierarchical' or 'single', got {self.conditioning!r}")
-        if not self.encoder.subjects:
+        if self.encoder is not None and not self.encoder.subjects:
             raise ConfigError("the encoder needs at least one subject")
 
     @cached_property
@@ -151,20 +198,25 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["encoder"]["subjects"] = [list(s) for s in self.encoder.subjects]
+        if self.encoder is not None:
+            d["encoder"]["subjects"] = [list(s) for s in self.encoder.subjects]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         try:
             d = dict(d)
-            enc = dict(d.pop("encoder"))
-            enc["subjects"] = tuple((str(n), int(v)) for n, v in enc["subjects"])
-            enc["mlp_dims"] = tuple(enc["mlp_dims"])
+            encoder = None
+            if d.get("encoder") is not None:
+                enc = dict(d.pop("encoder"))
+                enc["subjects"] = tuple((str(n), int(v)) for n, v in enc["subjects"])
+                enc["mlp_dims"] = tuple(enc["mlp_dims"])
+                encoder = EncoderConfig(**enc)
+            d.pop("encoder", None)
             vq = dict(d.pop("vqvae"))
             vq["ch_mult"] = tuple(vq["ch_mult"])
             return cls(
-                encoder=EncoderConfig(**enc),
+                encoder=encoder,
                 generator=GeneratorConfig(**d.pop("generator")),
                 vqvae=VQVAEConfig(**vq),
                 **{**d, "patch_nums": tuple(d["patch_nums"])},
@@ -253,6 +305,33 @@ def _mindhier(name: str, image_size: int, patch_nums: tuple[int, ...], depth: in
         patch_nums=patch_nums,
         encoder=EncoderConfig(subjects=NSD_SUBJECTS),
         generator=GeneratorConfig(depth=depth, width=width, heads=width // 64, crop_cond=True),
+    )
+
+
+def var_config(
+    depth: int, patch_nums: tuple[int, ...] = PATCH_NUMS_256, num_classes: int = 1000, name: str | None = None
+) -> ModelConfig:
+    """VAR's published sizes (REFERENCE §3/§5): width 64 * depth, heads = depth, GELU MLP ratio 4, block-causal,
+    class-conditional, VAR's VQ-VAE (ch160 v4096 z32). No encoder; the context fields are unused."""
+    width = 64 * depth
+    return ModelConfig(
+        name=name or f"var-d{depth}",
+        image_size=patch_nums[-1] * VQVAEConfig().downsample,
+        patch_nums=patch_nums,
+        encoder=None,
+        generator=GeneratorConfig(
+            depth=depth,
+            width=width,
+            heads=depth,
+            attn_mode="block_causal",
+            mlp_ratio=4.0,
+            block="var",
+            condition="class",
+            num_classes=num_classes,
+        ),
+        n_levels=1,
+        context_tokens=1,
+        context_dim=width,  # VAR's condition width D equals its width C
     )
 
 

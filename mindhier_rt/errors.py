@@ -29,3 +29,10 @@ class InputError(MindhierError):
 
 class BackendError(MindhierError):
     """A backend that is missing, misconfigured or asked for something it cannot do."""
+
+
+class MissingDependencyError(BackendError):
+    """An optional dependency (TensorRT, a CUDA GPU, cuda-python) that this command needs is absent.
+
+    The message names what is missing and how to install it; the CLI exits with code 2 for these.
+    """

@@ -1,6 +1,7 @@
-"""The decode loop: voxels -> token pyramid -> image, the same for every backend.
+"""The decode loop: voxels (or class labels) -> token pyramid -> image, the same for every backend.
 
     encode(voxels) and encode(zeros)        -> pooled, deep-first context (conditional rows, then null rows)
+      [class-conditional models: the labels and the null label num_classes instead, no context]
     prepare(...)                            -> per-scan state (context K/V cache, AdaLN vectors, self cache)
     for scale i in 0..K-1:
         [guidance switched off at i: keep only the conditional rows]
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mindhier_rt.errors import InputError
 from mindhier_rt.runtime.base import DecodeBackend
 from mindhier_rt.sampling import SamplingConfig, cfg_combine, guidance_active, guidance_weight, sample_tokens
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 class Reconstruction:
     images_NS3HW: Tensor  # [scans, samples, 3, H, W] in [0, 1], on the CPU
     tokens: list[Tensor]  # per scale [scans, samples, n_i] (long, CPU)
+    pooled_ND: Tensor | None = None  # the encoder's pooled output per scan (the brain-predicted CLIP embedding)
 
 
 def reconstruct(
@@ -44,24 +47,73 @@ def reconstruct(
     on_scale: Callable[[int], None] | None = None,
 ) -> Reconstruction:
     """Decode a batch of scans (all of one subject) with ``samples`` draws each."""
+    if backend.cfg.generator.condition != "fmri":
+        raise InputError(
+            f"model {backend.cfg.name} is class-conditional: decode class labels (--class-label), not voxels"
+        )
+    dev = backend.device
+    cond = backend.encode(voxels_NV.to(dev, torch.float32), subject)
+    null = None
+    if guidance_active(sampling, 0):  # the null condition: the encoding of all-zero voxels
+        null = backend.encode(torch.zeros_like(voxels_NV[:1], device=dev, dtype=torch.float32), subject)
+    rec = _decode(backend, cond, null, sampling, samples, scan_ids, on_scale)
+    rec.pooled_ND = cond[0].float().cpu()
+    return rec
+
+
+def generate(
+    backend: DecodeBackend,
+    labels_N: Tensor,
+    sampling: SamplingConfig,
+    samples: int = 1,
+    scan_ids: Tensor | None = None,
+    on_scale: Callable[[int], None] | None = None,
+) -> Reconstruction:
+    """Class-conditional models (VAR): ``samples`` images of each class label; rows keyed like scans.
+
+    The unconditional rows of guidance use the null label ``num_classes``; nothing is encoded.
+    """
+    g = backend.cfg.generator
+    if g.condition != "class":
+        raise InputError(f"model {backend.cfg.name} is conditioned on fMRI: decode voxels (--fmri), not class labels")
+    labels_N = torch.as_tensor(labels_N).to(torch.long).reshape(-1)
+    bad = labels_N[(labels_N < 0) | (labels_N >= g.num_classes)]
+    if len(bad):
+        raise InputError(f"class labels must be in 0..{g.num_classes - 1}, got {bad.tolist()}")
+    dev = backend.device
+    null = (torch.full((1,), g.num_classes, dtype=torch.long, device=dev), None)
+    return _decode(backend, (labels_N.to(dev), None), null, sampling, samples, scan_ids, on_scale)
+
+
+def _decode(
+    backend: DecodeBackend,
+    cond: tuple[Tensor, Tensor | None],
+    null: tuple[Tensor, Tensor | None] | None,
+    sampling: SamplingConfig,
+    samples: int,
+    scan_ids: Tensor | None,
+    on_scale: Callable[[int], None] | None,
+) -> Reconstruction:
+    """The loop shared by every condition: ``cond`` = (condition [N, ...], context [N, S, D] or None) of the
+    conditional rows, ``null`` = the same for one unconditional row (used while guidance is on)."""
     sched = backend.cfg.schedule
-    N, dev = voxels_NV.shape[0], backend.device
+    cond_N, context_NSD = cond
+    N, dev = cond_N.shape[0], backend.device
     scan_ids = torch.arange(N) if scan_ids is None else scan_ids.to(torch.long).cpu()
     R = N * samples  # conditional rows, scan-major
     row_scan = scan_ids.repeat_interleave(samples).to(dev)
     row_sample = torch.arange(samples).repeat(N).to(dev)
 
-    pooled_ND, context_NSD = backend.encode(voxels_NV.to(dev, torch.float32), subject)
-    pooled_RD = pooled_ND.repeat_interleave(samples, dim=0)
-    context_RSD = context_NSD.repeat_interleave(samples, dim=0)
+    cond_R = cond_N.repeat_interleave(samples, dim=0)
+    context_RSD = None if context_NSD is None else context_NSD.repeat_interleave(samples, dim=0)
     guided = guidance_active(sampling, 0)
     if guided:
-        null_pooled, null_context = backend.encode(
-            torch.zeros_like(voxels_NV[:1], device=dev, dtype=torch.float32), subject
-        )
-        pooled_RD = torch.cat([pooled_RD, null_pooled.expand(R, -1)])
-        context_RSD = torch.cat([context_RSD, null_context.expand(R, -1, -1)])
-    state = backend.prepare(pooled_RD, context_RSD)
+        assert null is not None, "guidance needs the null condition"
+        null_cond, null_context = null
+        cond_R = torch.cat([cond_R, null_cond.expand(R, *null_cond.shape[1:])])
+        if context_RSD is not None:
+            context_RSD = torch.cat([context_RSD, null_context.expand(R, -1, -1)])
+    state = backend.prepare(cond_R, context_RSD)
 
     f_hat = backend.empty_fhat(R)
     x_BlE: Tensor | None = None

@@ -189,3 +189,17 @@ def test_train_command_defaults_are_the_demo_recipe():
         assert (params["steps"].default, params["lr"].default, params["batch_size"].default) == (
             steps, lr, s.batch_size,
         ), fn.__name__  # fmt: skip
+
+
+@pytest.mark.parametrize("steps", [2, 3, 10, 20])
+def test_short_runs_keep_a_valid_one_cycle_schedule(steps, tmp_path):
+    """10 steps with a 10 % warm-up once made OneCycleLR divide by zero (a one-step warm-up phase)."""
+    from mindhier_rt.train.loop import train_loop
+
+    layer = torch.nn.Linear(2, 1)
+    x = torch.randn(8, 2)
+    records = train_loop(
+        "toy", {"layer": layer}, lambda step: {"loss": layer(x).pow(2).mean()},
+        TrainConfig(steps=steps, batch_size=8, lr=1e-2, log_every=1), tmp_path, resume=False, progress=False,
+    )  # fmt: skip
+    assert len(records) == steps and all(np.isfinite(r["loss"]) for r in records)

@@ -1,11 +1,15 @@
 """The three training stages: VQ-VAE, stage 1 (hierarchical encoder), stage 2 (generator).
 
 Each takes in-memory arrays (so the demo, the CLI and tests share them) and runs ``train_loop``.
+Stages 1 and 2 also run under torchrun (``dist``: see ``train/distributed.py``): every rank draws the global
+batch of a step and trains on its slice; stage 1 wraps the encoder in DDP, stage 2 shards the generator with
+FSDP (one unit per block) or replicates it with DDP.
 Axis letters: N images, n trials, V voxels, M levels, T tokens per level, D width, L pyramid tokens.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mindhier_rt.models.generator import ScaleGenerator
 from mindhier_rt.models.mindhier import MindHier
-from mindhier_rt.train.loop import TrainConfig, batch_rng, train_loop
+from mindhier_rt.train.distributed import DistContext, gathered_copy
+from mindhier_rt.train.loop import TrainConfig, amp_dtype, batch_rng, train_loop
 from mindhier_rt.train.losses import hierarchical_mse, soft_clip_loss, token_cross_entropy
 
 
@@ -111,51 +117,65 @@ def train_stage1(
     weights: Stage1Weights | None = None,
     resume: bool = True,
     progress: bool = True,
+    dist: DistContext | None = None,
 ) -> list[dict]:
     """Hierarchical MSE to the teacher's layer taps + SoftCLIP on the terminal level and the text branch.
 
-    Subjects take turns step by step; they share everything but their input layers.
+    Subjects take turns step by step; they share everything but their input layers. Under torchrun the
+    encoder is wrapped in DDP; the SoftCLIP terms (a softmax over the whole batch) see the gathered global batch.
     """
+    ctx = dist or DistContext()
+    dev = ctx.device
     enc, w = models.encoder, weights or Stage1Weights()
-    level_weights = None if w.level_mask is None else torch.tensor(w.level_mask)
+    run = ctx.data_parallel(enc, find_unused_parameters=True)  # the other subjects' input layers get no gradient
+    level_weights = None if w.level_mask is None else torch.tensor(w.level_mask, device=dev)
 
     def loss_fn(step: int) -> dict[str, Tensor]:
         rng = batch_rng(tcfg.seed, step)
         ts = trials[step % len(trials)]
-        b = _pick(rng, len(ts.voxels_nV), tcfg.batch_size)
+        b = _pick(rng, len(ts.voxels_nV), tcfg.batch_size)  # the global batch: the same on every rank
         img = ts.image_index_n[b]
-        out = enc(ts.voxels_nV[b], ts.subject)
-        target = teacher_levels_NMTD[img]
-        l_levels = hierarchical_mse(out.levels_BMTD, target, level_weights)
-        l_image = soft_clip_loss(out.levels_BMTD[:, -1], target[:, -1], w.tau)
-        l_text = soft_clip_loss(out.text_BtD, text_targets_NtD[img], w.tau)
+        target = teacher_levels_NMTD[img].to(dev)
+        mine = ctx.shard(torch.arange(len(b)))
+        out = run(ts.voxels_nV[b[mine]].to(dev), ts.subject)
+        l_levels = hierarchical_mse(out.levels_BMTD, target[mine], level_weights)  # a mean over rows: local
+        l_image = soft_clip_loss(ctx.gather_rows(out.levels_BMTD[:, -1]), target[:, -1], w.tau)
+        l_text = soft_clip_loss(ctx.gather_rows(out.text_BtD), text_targets_NtD[img].to(dev), w.tau)
         loss = w.levels * l_levels + w.image_clip * l_image + w.text_clip * l_text
         return {"loss": loss, "levels": l_levels, "image_clip": l_image, "text_clip": l_text}
 
-    return train_loop("stage1", {"encoder": enc}, loss_fn, tcfg, run_dir, resume, progress)
+    return train_loop("stage1", {"encoder": enc}, loss_fn, tcfg, run_dir, resume, progress, ctx)
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 @torch.no_grad()
 def encode_all(models: MindHier, ts: TrialSet, batch: int = 256) -> tuple[Tensor, Tensor]:
-    """Frozen encoder outputs of every trial: pooled [n, D], deep-first context [n, S, D]."""
+    """Frozen encoder outputs of every trial (computed on the encoder's device, returned on the CPU):
+    pooled [n, D], deep-first context [n, S, D]."""
     enc = models.encoder.eval()
+    dev = _device_of(enc)
     pooled, context = [], []
     for start in range(0, len(ts.voxels_nV), batch):
-        out = enc(ts.voxels_nV[start : start + batch], ts.subject)
-        pooled.append(out.pooled_BD)
-        context.append(out.context_BSD())
+        out = enc(ts.voxels_nV[start : start + batch].to(dev), ts.subject)
+        pooled.append(out.pooled_BD.cpu())
+        context.append(out.context_BSD().cpu())
     return torch.cat(pooled), torch.cat(context)
 
 
 @torch.no_grad()
 def tokenize_images(models: MindHier, images_N3HW: Tensor, batch: int = 256) -> tuple[Tensor, Tensor]:
-    """VQ token pyramid [N, L] and teacher-forcing inputs [N, L-1, E] of every image."""
+    """VQ token pyramid [N, L] and teacher-forcing inputs [N, L-1, E] of every image (computed on the VQ-VAE's
+    device, returned on the CPU)."""
     vq = models.vqvae.eval()
+    dev = _device_of(vq)
     idx, inputs = [], []
     for start in range(0, len(images_N3HW), batch):
-        idx_list = vq.img_to_idx(images_N3HW[start : start + batch])
-        idx.append(torch.cat(idx_list, dim=1))
-        inputs.append(vq.teacher_inputs(idx_list))
+        idx_list = vq.img_to_idx(images_N3HW[start : start + batch].to(dev))
+        idx.append(torch.cat(idx_list, dim=1).cpu())
+        inputs.append(vq.teacher_inputs(idx_list).cpu())
     return torch.cat(idx), torch.cat(inputs)
 
 
@@ -168,33 +188,59 @@ def train_stage2(
     cond_drop: float = 0.1,
     resume: bool = True,
     progress: bool = True,
+    dist: DistContext | None = None,
+    fsdp: bool = False,
+    grad_checkpoint: bool = False,
 ) -> list[dict]:
     """Frozen encoder and VQ-VAE; next-scale cross-entropy on the image's token pyramid.
 
     With probability ``cond_drop`` a row's condition is replaced by the encoder's output for all-zero
     voxels: the null condition that classifier-free guidance uses at decode time.
+
+    Under torchrun the generator is sharded with FSDP (``fsdp``; gathered weights in the AMP dtype) or replicated
+    with DDP; after training ``models.generator`` is a plain module with the full weights on every rank.
+    ``grad_checkpoint`` recomputes each block in the backward pass instead of keeping its activations.
+    The frozen models run once, up front, on the training device and go back to where they were.
     """
+    ctx = dist or DistContext()
+    dev = ctx.device
     gen = models.generator
     models.encoder.requires_grad_(False)
     models.vqvae.requires_grad_(False)
+    homes = {m: _device_of(m) for m in (models.encoder, models.vqvae)}
+    for m in homes:
+        m.to(dev)
     idx_NL, x_NLE = tokenize_images(models, images_N3HW)
     encoded = [encode_all(models, ts) for ts in trials]
     nulls = [
         encode_all(models, TrialSet(ts.subject, models.encoder.null_voxels(ts.subject, 1), torch.zeros(1)))
         for ts in trials
     ]
+    for m, home in homes.items():
+        m.to(home)
+    if fsdp:
+        run = ctx.fully_shard(gen, gen.blocks, unit_methods=("teacher_forward",), param_dtype=amp_dtype(tcfg.amp))
+    else:
+        run = ctx.data_parallel(gen)
 
     def loss_fn(step: int) -> dict[str, Tensor]:
         rng = batch_rng(tcfg.seed, step)
         s = step % len(trials)
         ts, (pooled_nD, context_nSD), (null_pooled, null_context) = trials[s], encoded[s], nulls[s]
-        b = _pick(rng, len(ts.voxels_nV), tcfg.batch_size)
-        img = ts.image_index_n[b]
+        b = _pick(rng, len(ts.voxels_nV), tcfg.batch_size)  # the global batch and its draws: the same on every rank
         drop = torch.from_numpy(rng.random(len(b)) < cond_drop)
-        pooled = torch.where(drop[:, None], null_pooled, pooled_nD[b])
-        context = torch.where(drop[:, None, None], null_context, context_nSD[b])
-        logits_BLV = gen(pooled, context, x_NLE[img])
-        loss = token_cross_entropy(logits_BLV, idx_NL[img])
+        b, drop = ctx.shard(b), ctx.shard(drop)
+        img = ts.image_index_n[b]
+        pooled = torch.where(drop[:, None], null_pooled, pooled_nD[b]).to(dev)
+        context = torch.where(drop[:, None, None], null_context, context_nSD[b]).to(dev)
+        logits_BLV = run(pooled, context, x_NLE[img].to(dev), checkpoint_blocks=grad_checkpoint)
+        loss = token_cross_entropy(logits_BLV, idx_NL[img].to(dev))  # a mean over rows: local
         return {"loss": loss}
 
-    return train_loop("stage2", {"generator": gen}, loss_fn, tcfg, run_dir, resume, progress)
+    with warnings.catch_warnings():
+        # FSDP2 warns that the root module returns a view (the logits): harmless, they only feed the loss
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        records = train_loop("stage2", {"generator": gen}, loss_fn, tcfg, run_dir, resume, progress, ctx)
+    if fsdp and ctx.initialized:
+        models.generator = gathered_copy(gen, lambda: ScaleGenerator(models.cfg)).eval()
+    return records

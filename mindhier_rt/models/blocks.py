@@ -1,4 +1,10 @@
-"""Transformer pieces of the Switti-style scale-wise generator.
+"""Transformer pieces of the scale-wise generator: the Switti-style block (MindHier) and VAR's block.
+
+Both blocks take the same arguments (``forward(x, ada, cos, sin, ctx_k, ctx_v, self_mask, cross_mask, cache,
+offset)``, ``modulation(cond, crop)``), so the generator, its decode step and the exported graphs drive either;
+the VAR block ignores the rotary tables and the context (it has neither). ``teacher_forward(x, cond, crop, cos,
+sin, context, self_mask, cross_mask)`` is the whole block in one call (AdaLN vectors, context K/V, ``forward``):
+the unit that the teacher-forced pass checkpoints and that FSDP gathers once (see ``SwittiBlock.teacher_forward``).
 
 Axis legend: B batch, l tokens of the current scale(s), L tokens of the whole pyramid, C width,
 H heads, c head dim, S context tokens, D context width, P rotary pairs per head (c / 2).
@@ -44,16 +50,29 @@ def layer_norm_no_affine(x: Tensor, width: int, eps: float) -> Tensor:
 
 
 # ---- 2D axial rotary embedding, real arithmetic ---------------------------------------------------
-def rope_angles(schedule: Schedule, head_dim: int, theta: float, grid: float) -> Tensor:
-    """Rotation angle of every (token, pair) of the pyramid: float64 [L, head_dim // 2].
+def rope_angles(schedule: Schedule, head_dim: int, theta: float, grid: float, layout: str = "rows_first") -> Tensor:
+    """Rotation angle of every (token, pair) of the pyramid: [L, head_dim // 2].
 
-    The first half of the pairs rotates with the row position, the second half with the column
-    position. Positions of a pn x pn grid are spread over 0..grid (coefficient grid / (pn - 1); a
-    1 x 1 grid sits at 0). Pair j of an axis with d = head_dim / 2 dims turns at theta^(-2j/d).
+    Positions of a pn x pn grid are spread over 0..grid (coefficient grid / (pn - 1); a 1 x 1 grid sits at
+    0). Pair j of an axis with d = head_dim / 2 dims turns at theta^(-2j/d).
+
+    ``layout="rows_first"`` (mindhier-rt's own models): the first half of the pairs turns with the row
+    position, the second half with the column; computed in float64. ``layout="switti"`` (imported Switti /
+    MindHier weights): the first half turns with the column (x), the second with the row (y), and the angles
+    are computed in float32 in Switti's order of operations (frequency x coefficient, then x position), so
+    the tables equal the reference's to the last bit.
     """
     axis_dim = head_dim // 2
-    inv_freq_P = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
     per_scale = []
+    if layout == "switti":
+        inv_freq_P = 1.0 / (theta ** (torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim))
+        for pn in schedule.patch_nums:
+            freq_P = inv_freq_P * (grid / max(pn - 1, 1))
+            t = torch.arange(pn * pn, dtype=torch.float32)
+            t_x, t_y = t % pn, torch.div(t, pn, rounding_mode="floor")
+            per_scale.append(torch.cat([torch.outer(t_x, freq_P), torch.outer(t_y, freq_P)], dim=-1))
+        return torch.cat(per_scale, dim=0)
+    inv_freq_P = theta ** (-torch.arange(0, axis_dim, 2, dtype=torch.float64) / axis_dim)
     for pn in schedule.patch_nums:
         coord = torch.arange(pn, dtype=torch.float64) * (grid / max(pn - 1, 1))
         rows, cols = torch.meshgrid(coord, coord, indexing="ij")
@@ -233,6 +252,26 @@ class SwittiBlock(nn.Module):
         h = self.ffn_norm1(x_BlC) * (1 + scale2) + shift2
         return x_BlC + self.ffn_norm2(self.ffn(h)) * gamma2
 
+    def teacher_forward(
+        self,
+        x_BlC: Tensor,
+        cond_BC: Tensor,
+        crop_BC: Tensor | None,
+        cos_lc: Tensor,
+        sin_lc: Tensor,
+        context_BSD: Tensor,
+        self_mask: Tensor | RangeMask | None = None,
+        cross_mask: Tensor | RangeMask | None = None,
+    ) -> Tensor:
+        """The block from the condition and the raw context: AdaLN vectors, context K/V, then ``forward``.
+
+        Every use of the block's weights happens inside this one call, so gradient checkpointing can recompute
+        the block as a unit and FSDP (which registers it as a forward method) gathers the weights once per pass.
+        ``forward`` is called directly, not through the module's hooks.
+        """
+        k, v = self.context_kv(context_BSD)
+        return self.forward(x_BlC, self.modulation(cond_BC, crop_BC), cos_lc, sin_lc, k, v, self_mask, cross_mask)
+
 
 class AdaLNBeforeHead(nn.Module):
     """Non-affine LayerNorm modulated by the condition: LN(x) * (1 + scale) + shift."""
@@ -259,5 +298,107 @@ class GaussianFourierFeatures(nn.Module):
         self.weight = nn.Parameter(torch.randn(n_freqs) * std, requires_grad=False)
 
     def forward(self, x_BN: Tensor) -> Tensor:
-        angles = 2 * math.pi * x_BN.unsqueeze(-1) * self.weight  # [B, N, F]
+        # x * w * 2 * pi in this order: Switti's (crop values in pixels reach angles of thousands of radians,
+        # where the float32 rounding of another order would show)
+        angles = x_BN.unsqueeze(-1) * self.weight * 2 * math.pi  # [B, N, F]
         return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(1)  # [B, N * 2F]
+
+
+# ---- VAR's block ------------------------------------------------------------------------------------
+class VARSelfAttention(nn.Module):
+    """VAR's attention: ``mat_qkv`` without bias plus learned q and v biases (k has none); q and k L2-normalised
+    per head, q multiplied by the learned per-head scale exp(min(scale_mul, log 100)); softmax scale 1."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.mat_qkv = nn.Linear(width, 3 * width, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(width))
+        self.v_bias = nn.Parameter(torch.zeros(width))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, heads, 1, 1), math.log(4.0)))
+        self.max_scale_mul = math.log(100.0)
+        self.proj = nn.Linear(width, width)
+
+    def forward(
+        self,
+        x_BlC: Tensor,
+        mask_ll: Tensor | RangeMask | None = None,
+        cache: SelfKVCache | None = None,
+        offset: int = 0,
+    ) -> Tensor:
+        B, l, C = x_BlC.shape
+        H, c = self.heads, self.head_dim
+        bias_3C = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        qkv_3BHlc = F.linear(x_BlC, self.mat_qkv.weight, bias_3C).view(B, l, 3, H, c).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv_3BHlc.unbind(0)
+        q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp_max(self.max_scale_mul).exp()
+        k = F.normalize(k, dim=-1)
+        if cache is not None:
+            k, v = cache.update(offset, k, v)
+        o_BHlc = attention(q, k, v, mask_ll, 1.0)
+        return self.proj(o_BHlc.transpose(1, 2).reshape(B, l, C))
+
+
+class GeluMLP(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2, both biased."""
+
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class VARBlock(nn.Module):
+    """VAR's block: non-affine LayerNorm + AdaLN before self-attention and MLP, gated residuals, no cross-attention.
+
+    x += SelfAttn(LN(x) * (1 + scale1) + shift1) * gamma1
+    x += MLP(LN(x) * (1 + scale2) + shift2) * gamma2
+    The AdaLN vectors come from the class embedding (the condition), once per scan.
+    """
+
+    def __init__(self, width: int, heads: int, ffn_dim: int, eps: float) -> None:
+        super().__init__()
+        self.width, self.eps = width, eps
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.attn = VARSelfAttention(width, heads)
+        self.ffn = GeluMLP(width, ffn_dim)
+
+    def modulation(self, cond_BC: Tensor, crop_BC: Tensor | None = None) -> Tensor:
+        """AdaLN vectors [B, 6, C]: gamma1, gamma2, scale1, scale2, shift1, shift2 (``crop_BC`` is unused)."""
+        return self.ada_lin(cond_BC).view(-1, 6, self.width)
+
+    def forward(
+        self,
+        x_BlC: Tensor,
+        ada_B6C: Tensor,
+        cos_lc: Tensor | None = None,
+        sin_lc: Tensor | None = None,
+        ctx_k_BHSc: Tensor | None = None,
+        ctx_v_BHSc: Tensor | None = None,
+        self_mask: Tensor | RangeMask | None = None,
+        cross_mask: Tensor | RangeMask | None = None,
+        cache: SelfKVCache | None = None,
+        offset: int = 0,
+    ) -> Tensor:
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B6C.split(1, dim=1)  # each [B, 1, C]
+        h = layer_norm_no_affine(x_BlC, self.width, self.eps) * (1 + scale1) + shift1
+        x_BlC = x_BlC + self.attn(h, self_mask, cache, offset) * gamma1
+        h = layer_norm_no_affine(x_BlC, self.width, self.eps) * (1 + scale2) + shift2
+        return x_BlC + self.ffn(h) * gamma2
+
+    def teacher_forward(
+        self,
+        x_BlC: Tensor,
+        cond_BC: Tensor,
+        crop_BC: Tensor | None = None,
+        cos_lc: Tensor | None = None,
+        sin_lc: Tensor | None = None,
+        context_BSD: Tensor | None = None,
+        self_mask: Tensor | RangeMask | None = None,
+        cross_mask: Tensor | RangeMask | None = None,
+    ) -> Tensor:
+        """As ``SwittiBlock.teacher_forward`` (no context, no rotary tables)."""
+        return self.forward(x_BlC, self.modulation(cond_BC, crop_BC), self_mask=self_mask)

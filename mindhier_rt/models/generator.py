@@ -12,6 +12,12 @@ MindHier uses) and ``block_causal`` (its own and all earlier scales; VAR / Switt
 Guidance: scale i cross-attends only to segment ``schedule.segment_of_scale[i]`` of the deep-first
 context [e_M, ..., e_1]; the start token and the AdaLN condition come from the pooled terminal feature.
 
+Blocks and conditions (``cfg.generator.block`` / ``.condition``): ``switti`` blocks with an fMRI condition
+(the pooled feature through ``fmri_pooler``, plus the cross-attention context; 2D RoPE) or ``var`` blocks
+with a class condition (labels through ``class_emb``, null label = ``num_classes`` for guidance; no context;
+learned absolute positions ``pos_1LC`` added to every scale's input). ``prepare``'s first argument is
+the pooled feature [B, D_pool] or the labels [B] (int64) accordingly, and its context is None for VAR.
+
 Axis legend: B batch, L pyramid tokens, l tokens of one scale, C width, D context width, S context
 tokens, E VQ latent channels, V vocabulary, H heads, c head dim, P rotary pairs.
 """
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.models.attention import RangeMask
@@ -30,6 +37,7 @@ from mindhier_rt.models.blocks import (
     GaussianFourierFeatures,
     SelfKVCache,
     SwittiBlock,
+    VARBlock,
     rope_angles,
     rope_tables,
 )
@@ -44,7 +52,7 @@ class ScanState:
     start_B1C: Tensor
     ada_blocks: list[Tensor]  # per block [B, 6, C]
     ada_head_B2C: Tensor
-    ctx_kv: list[tuple[Tensor, Tensor]]  # per block (k, v) [B, H, S, c]
+    ctx_kv: list[tuple[Tensor, Tensor]] | None  # per block (k, v) [B, H, S, c]; None without cross-attention
     self_kv: list[SelfKVCache] | None  # block-causal mode only
 
     def select(self, rows: Tensor | slice) -> None:
@@ -52,7 +60,8 @@ class ScanState:
         self.start_B1C = self.start_B1C[rows]
         self.ada_blocks = [a[rows] for a in self.ada_blocks]
         self.ada_head_B2C = self.ada_head_B2C[rows]
-        self.ctx_kv = [(k[rows], v[rows]) for k, v in self.ctx_kv]
+        if self.ctx_kv is not None:
+            self.ctx_kv = [(k[rows], v[rows]) for k, v in self.ctx_kv]
         if self.self_kv is not None:
             for cache in self.self_kv:
                 cache.select(rows)
@@ -64,26 +73,40 @@ class ScaleGenerator(nn.Module):
         g, sched = cfg.generator, cfg.schedule
         self.cfg, self.schedule = cfg, sched
         C = self.width = g.width
-        self.fmri_pooler = nn.Linear(cfg.context_dim, C)  # pooled terminal feature -> condition
+        self.has_context = g.cross_attention
+        if g.condition == "class":
+            self.class_emb = nn.Embedding(g.num_classes + 1, C)  # row num_classes: the null class (guidance)
+        else:
+            self.fmri_pooler = nn.Linear(g.pooled_dim or cfg.context_dim, C)  # pooled feature -> condition
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
+        # learned absolute positions of every pyramid token (VAR); RoPE (Switti) needs none
+        self.pos_1LC = None if g.rope else nn.Parameter(torch.zeros(1, sched.total_tokens, C))
         self.word_embed = nn.Linear(cfg.latent_dim, C)
         self.lvl_embed = nn.Embedding(sched.n_scales, C)
         if g.crop_cond:
             self.crop_embed = GaussianFourierFeatures(g.crop_freqs)
             self.crop_proj = nn.Linear(CROP_FIELDS * 2 * g.crop_freqs, C)
-        self.blocks = nn.ModuleList(
-            SwittiBlock(C, g.heads, cfg.context_dim, g.ffn_dim, g.norm_eps, g.crop_cond) for _ in range(g.depth)
-        )
+        if g.block == "var":
+            blocks = [VARBlock(C, g.heads, g.ffn_dim, g.norm_eps) for _ in range(g.depth)]
+        else:
+            blocks = [
+                SwittiBlock(C, g.heads, cfg.context_dim, g.ffn_dim, g.norm_eps, g.crop_cond) for _ in range(g.depth)
+            ]
+        self.blocks = nn.ModuleList(blocks)
         self.head_nm = AdaLNBeforeHead(C, g.norm_eps)
         self.head = nn.Linear(C, cfg.vocab_size)
 
         # Derived from the schedule, never stored in checkpoints.
-        cos_Lc, sin_Lc = rope_tables(rope_angles(sched, g.head_dim, g.rope_theta, g.rope_grid))
-        self.register_buffer("rope_cos_Lc", cos_Lc.float(), persistent=False)
-        self.register_buffer("rope_sin_Lc", sin_Lc.float(), persistent=False)
+        cos_Lc = sin_Lc = None
+        if g.rope:
+            angles = rope_angles(sched, g.head_dim, g.rope_theta, g.rope_grid, g.rope_layout)
+            cos_Lc, sin_Lc = (t.float() for t in rope_tables(angles))
+        self.register_buffer("rope_cos_Lc", cos_Lc, persistent=False)
+        self.register_buffer("rope_sin_Lc", sin_Lc, persistent=False)
         self.register_buffer("lvl_L", torch.tensor(sched.scale_of_token), persistent=False)
         self.register_buffer("self_mask_LL", sched.self_attn_mask(g.attn_mode), persistent=False)
-        self.register_buffer("cross_mask_LS", sched.cross_attn_mask(), persistent=False)
+        cross_mask = sched.cross_attn_mask() if self.has_context else None
+        self.register_buffer("cross_mask_LS", cross_mask, persistent=False)
         self.reset_parameters()
 
     # ---- init -----------------------------------------------------------------------------------
@@ -97,6 +120,8 @@ class ScaleGenerator(nn.Module):
             elif isinstance(m, nn.Embedding):
                 nn.init.trunc_normal_(m.weight, std=0.02)
         nn.init.trunc_normal_(self.pos_start, std=0.02)
+        if self.pos_1LC is not None:
+            nn.init.trunc_normal_(self.pos_1LC, std=0.02)
         C = self.width
         for block in self.blocks:
             # gamma1, gamma2 start at 1/sqrt(2 depth): every residual branch contributes from the first step.
@@ -104,16 +129,28 @@ class ScaleGenerator(nn.Module):
                 block.ada_lin[1].bias[: 2 * C].fill_(1 / (2 * depth) ** 0.5)
 
     # ---- condition ------------------------------------------------------------------------------
-    def condition(self, pooled_BD: Tensor) -> Tensor:
-        return self.fmri_pooler(pooled_BD)
+    def condition(self, cond: Tensor) -> Tensor:
+        """The AdaLN condition [B, C]: ``class_emb(labels [B])`` or ``fmri_pooler(pooled [B, D_pool])``."""
+        if self.cfg.generator.condition == "class":
+            return self.class_emb(cond)
+        return self.fmri_pooler(cond)
 
     def crop_vector(self, crop_B4: Tensor | None, batch: int, device, dtype) -> Tensor | None:
-        """Embedded crop condition [B, C]; defaults to the full, uncropped image (1, 1, 0, 0)."""
-        if not self.cfg.generator.crop_cond:
+        """Embedded crop condition [B, C]; defaults to the full, uncropped image (u, u, 0, 0), u = crop_unit."""
+        g = self.cfg.generator
+        if not g.crop_cond:
             return None
         if crop_B4 is None:
-            crop_B4 = torch.tensor([[1.0, 1.0, 0.0, 0.0]], device=device, dtype=dtype).expand(batch, -1)
+            u = g.crop_unit
+            crop_B4 = torch.tensor([[u, u, 0.0, 0.0]], device=device, dtype=dtype).expand(batch, -1)
         return self.crop_proj(self.crop_embed(crop_B4.to(dtype)))
+
+    def rope(self, i: int) -> tuple[Tensor | None, Tensor | None]:
+        """Rotary tables [n_i, c] of scale i's tokens (None, None for blocks without RoPE)."""
+        if self.rope_cos_Lc is None:
+            return None, None
+        tokens = self.schedule.scale_slice(i)
+        return self.rope_cos_Lc[tokens], self.rope_sin_Lc[tokens]
 
     def _modulations(self, cond_BC: Tensor, crop_BC: Tensor | None) -> tuple[list[Tensor], Tensor]:
         return [b.modulation(cond_BC, crop_BC) for b in self.blocks], self.head_nm.modulation(cond_BC)
@@ -122,32 +159,50 @@ class ScaleGenerator(nn.Module):
         return self.head(self.head_nm(x_BlC, ada_head_B2C)).float()
 
     # ---- teacher-forced pass (training) ---------------------------------------------------------
-    def forward(self, pooled_BD: Tensor, context_BSD: Tensor, x_BLE: Tensor, crop_B4: Tensor | None = None) -> Tensor:
-        """Logits [B, L, V] of every scale given the teacher inputs of scales 1..K-1 ([B, L-1, E])."""
+    def forward(
+        self,
+        pooled_BD: Tensor,
+        context_BSD: Tensor | None,
+        x_BLE: Tensor,
+        crop_B4: Tensor | None = None,
+        checkpoint_blocks: bool = False,
+    ) -> Tensor:
+        """Logits [B, L, V] of every scale given the teacher inputs of scales 1..K-1 ([B, L-1, E]).
+
+        ``pooled_BD``: the condition (pooled feature, or labels [B] for class models; context None then).
+        ``checkpoint_blocks``: keep only each block's input for the backward pass and recompute the block there
+        (``torch.utils.checkpoint``, non-reentrant): activation memory of one block instead of all of them.
+        Each block runs as one ``teacher_forward`` call (its AdaLN vectors and context K/V included).
+        """
         B = pooled_BD.shape[0]
         L = self.schedule.total_tokens
         assert x_BLE.shape[:2] == (B, L - 1), f"teacher inputs {tuple(x_BLE.shape)} != ({B}, {L - 1}, E)"
         cond_BC = self.condition(pooled_BD)
         crop_BC = self.crop_vector(crop_B4, B, pooled_BD.device, cond_BC.dtype)
-        ada_blocks, ada_head = self._modulations(cond_BC, crop_BC)
         start_B1C = cond_BC.unsqueeze(1) + self.pos_start
         x_BLC = torch.cat([start_B1C, self.word_embed(x_BLE)], dim=1) + self.lvl_embed(self.lvl_L)
+        if self.pos_1LC is not None:
+            x_BLC = x_BLC + self.pos_1LC
         sched, mode = self.schedule, self.cfg.generator.attn_mode
         self_mask = RangeMask(self.self_mask_LL, sched.key_ranges(mode))
-        cross_mask = RangeMask(self.cross_mask_LS, sched.key_ranges("cross"))
-        for block, ada in zip(self.blocks, ada_blocks, strict=True):
-            k, v = block.context_kv(context_BSD)
-            x_BLC = block(
-                x_BLC, ada, self.rope_cos_Lc, self.rope_sin_Lc, k, v,
-                self_mask=self_mask, cross_mask=cross_mask,
-            )  # fmt: skip
-        return self._logits(x_BLC, ada_head)
+        cross_mask = RangeMask(self.cross_mask_LS, sched.key_ranges("cross")) if self.has_context else None
+        recompute = checkpoint_blocks and torch.is_grad_enabled()
+        for block in self.blocks:
+            args = (x_BLC, cond_BC, crop_BC, self.rope_cos_Lc, self.rope_sin_Lc, context_BSD, self_mask, cross_mask)
+            if recompute:
+                x_BLC = checkpoint(block.teacher_forward, *args, use_reentrant=False)
+            else:
+                x_BLC = block.teacher_forward(*args)
+        return self._logits(x_BLC, self.head_nm.modulation(cond_BC))
 
     # ---- incremental decoding -------------------------------------------------------------------
     def prepare(
-        self, pooled_BD: Tensor, context_BSD: Tensor, crop_B4: Tensor | None = None, self_cache: bool = True
+        self, pooled_BD: Tensor, context_BSD: Tensor | None, crop_B4: Tensor | None = None, self_cache: bool = True
     ) -> ScanState:
         """The context step: everything that depends only on the scan, computed once.
+
+        ``pooled_BD`` is the condition: the pooled feature [B, D_pool], or class labels [B] (int64) for
+        class-conditional models, whose ``context_BSD`` is None.
 
         ``self_cache=False`` skips allocating the block-causal self-attention caches (for a caller that keeps
         its own, preallocated once: the fast backend).
@@ -167,39 +222,44 @@ class ScaleGenerator(nn.Module):
             start_B1C=cond_BC.unsqueeze(1) + self.pos_start,
             ada_blocks=ada_blocks,
             ada_head_B2C=ada_head,
-            ctx_kv=[block.context_kv(context_BSD) for block in self.blocks],
+            ctx_kv=[block.context_kv(context_BSD) for block in self.blocks] if self.has_context else None,
             self_kv=self_kv,
         )
 
     def embed_scale(self, i: int, x_BlE: Tensor | None, start_B1C: Tensor | None = None) -> Tensor:
-        """Input tokens of scale i in model width: the start token at i = 0, else word_embed(x); plus lvl_embed[i]."""
+        """Input tokens of scale i in model width: the start token at i = 0, else word_embed(x); plus lvl_embed[i]
+        (and, with absolute positions, the scale's rows of pos_1LC)."""
         if i == 0:
             assert start_B1C is not None
             h_BlC = start_B1C
         else:
             assert x_BlE is not None and x_BlE.shape[1] == self.schedule.token_counts[i]
             h_BlC = self.word_embed(x_BlE)
-        return h_BlC + self.lvl_embed.weight[i]
+        h_BlC = h_BlC + self.lvl_embed.weight[i]
+        if self.pos_1LC is not None:
+            h_BlC = h_BlC + self.pos_1LC[0, self.schedule.scale_slice(i)]
+        return h_BlC
 
     def blocks_step(
         self,
         h_BlC: Tensor,
-        cos_lc: Tensor,
-        sin_lc: Tensor,
+        cos_lc: Tensor | None,
+        sin_lc: Tensor | None,
         ada_blocks: list[Tensor] | Tensor,
         ada_head_B2C: Tensor,
-        cross_kv: list[tuple[Tensor, Tensor]],
+        cross_kv: list[tuple[Tensor, Tensor]] | None,
         caches: list | None = None,
         offset: int = 0,
     ) -> Tensor:
         """All blocks and the head on one scale's embedded tokens -> logits [B, l, V].
 
-        ``cross_kv`` holds each layer's K/V of this scale's context segment; ``caches`` (block-causal)
+        ``cos_lc`` / ``sin_lc`` are None for blocks without RoPE (VAR); ``cross_kv`` (None without
+        cross-attention) holds each layer's K/V of this scale's context segment; ``caches`` (block-causal)
         are objects with ``update(offset, k, v) -> (k_all, v_all)``: the preallocated ``SelfKVCache`` in
         eager decoding, a past/present concatenation in exported graphs.
         """
         for j, block in enumerate(self.blocks):
-            k, v = cross_kv[j]
+            k, v = (None, None) if cross_kv is None else cross_kv[j]
             cache = None if caches is None else caches[j]
             h_BlC = block(h_BlC, ada_blocks[j], cos_lc, sin_lc, k, v, cache=cache, offset=offset)
         return self._logits(h_BlC, ada_head_B2C)
@@ -207,14 +267,15 @@ class ScaleGenerator(nn.Module):
     def step(self, i: int, state: ScanState, x_BlE: Tensor | None = None) -> Tensor:
         """Logits [B, n_i, V] of scale i. ``x_BlE`` is the next-scale input from the VQ-VAE (None at i = 0)."""
         sched = self.schedule
-        tokens, ctx = sched.scale_slice(i), sched.context_slice(i)
+        ctx = sched.context_slice(i)
+        cos_lc, sin_lc = self.rope(i)
         return self.blocks_step(
             self.embed_scale(i, x_BlE, state.start_B1C),
-            self.rope_cos_Lc[tokens],
-            self.rope_sin_Lc[tokens],
+            cos_lc,
+            sin_lc,
             state.ada_blocks,
             state.ada_head_B2C,
-            [(k[:, :, ctx], v[:, :, ctx]) for k, v in state.ctx_kv],
+            None if state.ctx_kv is None else [(k[:, :, ctx], v[:, :, ctx]) for k, v in state.ctx_kv],
             state.self_kv,
             sched.offsets[i],
         )

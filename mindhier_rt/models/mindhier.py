@@ -1,4 +1,8 @@
-"""The three models of one MindHier setup, built from one config and saved/loaded as one checkpoint."""
+"""The three models of one MindHier setup, built from one config and saved/loaded as one checkpoint.
+
+Class-conditional models (VAR) and imported generators have no fMRI encoder: ``encoder`` is None for a
+config whose ``encoder`` is None, and such a checkpoint holds only the generator and the VQ-VAE.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +20,15 @@ from mindhier_rt.models.generator import ScaleGenerator
 from mindhier_rt.models.vqvae import MultiScaleVQVAE
 
 
+def model_parts(cfg: ModelConfig) -> tuple[str, ...]:
+    """The parts a config builds: all three, or generator and VQ-VAE when it has no encoder."""
+    return tuple(p for p in PARTS if p != "encoder" or cfg.encoder is not None)
+
+
 @dataclass
 class MindHier:
     cfg: ModelConfig
-    encoder: HierarchicalEncoder
+    encoder: HierarchicalEncoder | None
     generator: ScaleGenerator
     vqvae: MultiScaleVQVAE
 
@@ -29,28 +38,38 @@ class MindHier:
         if seed is not None:
             torch.manual_seed(seed)
         with torch.device(device):
-            return cls(cfg, HierarchicalEncoder(cfg), ScaleGenerator(cfg), MultiScaleVQVAE(cfg))
+            encoder = HierarchicalEncoder(cfg) if cfg.encoder is not None else None
+            return cls(cfg, encoder, ScaleGenerator(cfg), MultiScaleVQVAE(cfg))
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu", require: tuple[str, ...] = PARTS) -> MindHier:
+    def load(
+        cls, path: str | Path, device: torch.device | str = "cpu", require: tuple[str, ...] | None = None
+    ) -> MindHier:
         """Load every part a checkpoint holds (parts it lacks keep their random init).
 
-        ``require`` names the parts that must be present; every tensor is checked by name and shape.
+        ``require`` names the parts that must be present (default: every part the config builds); every
+        tensor is checked by name and shape.
         """
         ckpt = read_checkpoint(path)
+        require = model_parts(ckpt.cfg) if require is None else require
         missing = [p for p in require if p not in ckpt.parts]
         if missing:
             raise CheckpointError(
                 f"{path}: checkpoint lacks {', '.join(missing)} (it holds {', '.join(ckpt.parts) or 'nothing'})"
             )
         models = cls.from_config(ckpt.cfg, device=device)
-        for name in PARTS:
+        parts = model_parts(ckpt.cfg)
+        extra = [p for p in ckpt.parts if p not in parts]
+        if extra:
+            raise CheckpointError(f"{path}: checkpoint holds {', '.join(extra)}, which its config has no model for")
+        for name in parts:
             if name in ckpt.parts:
                 load_part(getattr(models, name), ckpt, name)
         return models.eval()
 
     def modules(self) -> dict[str, nn.Module]:
-        return {name: getattr(self, name) for name in PARTS}
+        """The models this setup has, by part name (no encoder for class-conditional models)."""
+        return {name: getattr(self, name) for name in PARTS if getattr(self, name) is not None}
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         save_checkpoint(path, self.cfg, self.modules(), extra=extra)
@@ -62,9 +81,9 @@ class MindHier:
 
     def param_counts(self, subject: str | None = None) -> dict[str, int]:
         """Parameters per model; the encoder counts the shared part plus one subject's input layer."""
-        subject = subject or self.cfg.encoder.subjects[0][0]
-        return {
-            "encoder": self.encoder.param_count(subject),
-            "generator": sum(p.numel() for p in self.generator.parameters()),
-            "vqvae": sum(p.numel() for p in self.vqvae.parameters()),
-        }
+        counts = {}
+        if self.encoder is not None:
+            counts["encoder"] = self.encoder.param_count(subject or self.cfg.encoder.subjects[0][0])
+        counts["generator"] = sum(p.numel() for p in self.generator.parameters())
+        counts["vqvae"] = sum(p.numel() for p in self.vqvae.parameters())
+        return counts

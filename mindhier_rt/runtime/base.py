@@ -4,6 +4,11 @@ Tensors cross the contract as torch tensors on ``backend.device`` (a backend tha
 ONNX Runtime or TensorRT wraps its buffers); the per-scan state is the backend's own object.
 Shapes: B rows (scan x sample, doubled with guidance), D context width, S context tokens,
 l tokens of scale i, E VQ latent channels, V vocabulary, h = w = the finest grid side.
+
+The condition that ``prepare`` takes depends on ``cfg.generator.condition``: for fMRI models the pooled
+feature and the context that ``encode`` returns; for class-conditional models (VAR) the class labels [B]
+(int64; the null label ``num_classes`` for the unconditional rows) and no context. Such models have no
+encoder: the decode loop (``pipeline.generate``) never calls ``encode`` for them.
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ class DecodeBackend(Protocol):
         """Voxels -> (pooled_BD, deep-first context_BSD)."""
         ...
 
-    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor) -> Any:
-        """Context step, once per scan: condition, AdaLN vectors, cross-attention K/V, empty self cache."""
+    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor | None) -> Any:
+        """Context step, once per scan: condition, AdaLN vectors, cross-attention K/V, empty self cache.
+
+        ``pooled_BD``: the pooled feature [B, D], or class labels [B] (int64) with ``context_BSD`` None.
+        """
         ...
 
     def select(self, state: Any, rows: slice) -> Any:

@@ -44,7 +44,7 @@ class OrtState:
     start: np.ndarray  # [B, 1, C]
     ada_blocks: np.ndarray  # [depth, B, 6, C]
     ada_head: np.ndarray  # [B, 2, C]
-    cross: list[np.ndarray]  # 2 * depth arrays [M, B, H, T, c] (key, value per layer)
+    cross: list[np.ndarray]  # 2 * depth arrays [M, B, H, T, c] (key, value per layer); empty for VAR blocks
     past: list[np.ndarray] | None  # block-causal: 2 * depth arrays [B, H, past, c]
 
 
@@ -78,10 +78,13 @@ class OnnxRuntimeBackend:
         self._sessions: dict[str, object] = {}
         self.dtype = np.dtype(self.bundle.manifest["dtype"])
         tables = self.bundle.manifest["tables"]
-        self.rope_cos = np.load(self.bundle.path(tables["rope_cos"])).astype(self.dtype)
-        self.rope_sin = np.load(self.bundle.path(tables["rope_sin"])).astype(self.dtype)
+        self.rope_cos = self.rope_sin = None  # VAR blocks have no rotary tables
+        if "rope_cos" in tables:
+            self.rope_cos = np.load(self.bundle.path(tables["rope_cos"])).astype(self.dtype)
+            self.rope_sin = np.load(self.bundle.path(tables["rope_sin"])).astype(self.dtype)
         self.block_causal = self.cfg.generator.attn_mode == "block_causal"
         g = self.cfg.generator
+        self.class_condition = g.condition == "class"
         self._empty_past = (g.heads, g.head_dim)
 
     # ---- plumbing --------------------------------------------------------------------------------
@@ -120,14 +123,16 @@ class OnnxRuntimeBackend:
         pooled, context = self.run(f"encoder_{subject}", {"voxels": self._in(voxels_BV)})
         return self._out(pooled), self._out(context)
 
-    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor) -> OrtState:
-        start, ada_blocks, ada_head, *cross = self.run(
-            "context", {"pooled": self._in(pooled_BD), "context": self._in(context_BSD)}
-        )
+    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor | None) -> OrtState:
+        if self.class_condition:  # class labels, no context
+            feeds = {"labels": pooled_BD.detach().cpu().numpy().astype(np.int64)}
+        else:
+            feeds = {"pooled": self._in(pooled_BD), "context": self._in(context_BSD)}
+        start, ada_blocks, ada_head, *cross = self.run("context", feeds)
         past = None
         if self.block_causal:
             H, c = self._empty_past
-            past = [np.zeros((start.shape[0], H, 0, c), self.dtype) for _ in cross]
+            past = [np.zeros((start.shape[0], H, 0, c), self.dtype) for _ in range(2 * self.cfg.generator.depth)]
         return OrtState(start, ada_blocks, ada_head, cross, past)
 
     def select(self, state: OrtState, rows: slice) -> OrtState:
@@ -143,16 +148,13 @@ class OnnxRuntimeBackend:
         sched = self.cfg.schedule
         tokens, segment = sched.scale_slice(i), sched.segment_of_scale[i]
         h = state.start if i == 0 else self._in(x_BlC)
-        feeds = {
-            "h": h,
-            "rope.cos": self.rope_cos[tokens],
-            "rope.sin": self.rope_sin[tokens],
-            "ada_blocks": state.ada_blocks,
-            "ada_head": state.ada_head,
-        }
-        for j in range(len(state.cross) // 2):
-            feeds[f"cross.{j}.key"] = state.cross[2 * j][segment]
-            feeds[f"cross.{j}.value"] = state.cross[2 * j + 1][segment]
+        feeds = {"h": h, "ada_blocks": state.ada_blocks, "ada_head": state.ada_head}
+        if self.rope_cos is not None:
+            feeds["rope.cos"], feeds["rope.sin"] = self.rope_cos[tokens], self.rope_sin[tokens]
+        for j in range(self.cfg.generator.depth):
+            if state.cross:
+                feeds[f"cross.{j}.key"] = state.cross[2 * j][segment]
+                feeds[f"cross.{j}.value"] = state.cross[2 * j + 1][segment]
             if state.past is not None:
                 feeds[f"past_key_values.{j}.key"] = state.past[2 * j]
                 feeds[f"past_key_values.{j}.value"] = state.past[2 * j + 1]

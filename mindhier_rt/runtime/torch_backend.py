@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from mindhier_rt.errors import InputError
 from mindhier_rt.models.generator import ScanState
 from mindhier_rt.models.mindhier import MindHier
 
@@ -25,18 +26,21 @@ class TorchBackend:
         for m in models.modules().values():
             m.to(self.device)
         if dtype is not None:
-            models.encoder.to(dtype=dtype)
+            if models.encoder is not None:
+                models.encoder.to(dtype=dtype)
             models.generator.to(dtype=dtype)
         self.dtype = next(models.generator.parameters()).dtype
 
     @torch.inference_mode()
     def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
+        if self.models.encoder is None:
+            raise InputError(f"model {self.cfg.name} has no fMRI encoder: it cannot decode voxels")
         out = self.models.encoder(voxels_BV.to(self.device, self.dtype), subject)
         return out.pooled_BD, out.context_BSD()
 
     @torch.inference_mode()
-    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor) -> ScanState:
-        return self.models.generator.prepare(pooled_BD.to(self.dtype), context_BSD.to(self.dtype))
+    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor | None) -> ScanState:
+        return self.models.generator.prepare(*cast_condition(pooled_BD, context_BSD, self.device, self.dtype))
 
     def select(self, state: ScanState, rows: slice) -> ScanState:
         state.select(rows)
@@ -56,3 +60,11 @@ class TorchBackend:
     @torch.inference_mode()
     def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
         return self.models.vqvae.fhat_to_img(f_hat_BEhw)
+
+
+def cast_condition(
+    cond: Tensor, context_BSD: Tensor | None, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """The condition on the backend's device: float features in the model dtype, class labels kept int64."""
+    cond = cond.to(device) if not cond.is_floating_point() else cond.to(device, dtype)
+    return cond, None if context_BSD is None else context_BSD.to(device, dtype)

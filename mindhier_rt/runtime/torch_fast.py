@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mindhier_rt.errors import ConfigError
+from mindhier_rt.errors import ConfigError, InputError
 from mindhier_rt.models.attention import AttentionMode, attention_mode
 from mindhier_rt.models.blocks import SelfKVCache
 from mindhier_rt.models.generator import ScaleGenerator, ScanState
 from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.runtime.torch_backend import cast_condition
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +59,12 @@ class StaticScan:
         self.start_B1C = torch.zeros(rows, 1, C, device=dev, dtype=dt)
         self.ada_blocks = [torch.zeros(rows, 6, C, device=dev, dtype=dt) for _ in gen.blocks]
         self.ada_head_B2C = torch.zeros(rows, 2, C, device=dev, dtype=dt)
-        self.ctx_kv = [
-            (torch.zeros(rows, H, S, c, device=dev, dtype=dt), torch.zeros(rows, H, S, c, device=dev, dtype=dt))
-            for _ in gen.blocks
-        ]
+        self.ctx_kv = None
+        if gen.has_context:
+            self.ctx_kv = [
+                (torch.zeros(rows, H, S, c, device=dev, dtype=dt), torch.zeros(rows, H, S, c, device=dev, dtype=dt))
+                for _ in gen.blocks
+            ]
         self.self_kv: list[SelfKVCache] | None = None
         if g.attn_mode == "block_causal":
             self.self_kv = [SelfKVCache(rows, H, sched.total_tokens, c, dev, dt) for _ in gen.blocks]
@@ -77,7 +80,7 @@ class StaticScan:
         for dst, src in zip(self.ada_blocks, state.ada_blocks, strict=True):
             dst.copy_(src)
         self.ada_head_B2C.copy_(state.ada_head_B2C)
-        for (dk, dv), (sk, sv) in zip(self.ctx_kv, state.ctx_kv, strict=True):
+        for (dk, dv), (sk, sv) in zip(self.ctx_kv or (), state.ctx_kv or (), strict=True):
             dk.copy_(sk)
             dv.copy_(sv)
 
@@ -87,7 +90,7 @@ class StaticScan:
         for dst, src in zip(self.ada_blocks, other.ada_blocks, strict=True):
             dst.copy_(src[rows])
         self.ada_head_B2C.copy_(other.ada_head_B2C[rows])
-        for (dk, dv), (sk, sv) in zip(self.ctx_kv, other.ctx_kv, strict=True):
+        for (dk, dv), (sk, sv) in zip(self.ctx_kv or (), other.ctx_kv or (), strict=True):
             dk.copy_(sk[rows])
             dv.copy_(sv[rows])
         if self.self_kv is not None and other.self_kv is not None:
@@ -98,15 +101,16 @@ class StaticScan:
     # ---- one scale ---------------------------------------------------------------------------------
     def _body(self, i: int) -> Tensor:
         gen, sched = self.gen, self.gen.schedule
-        tokens, ctx = sched.scale_slice(i), sched.context_slice(i)
+        ctx = sched.context_slice(i)
+        cos_lc, sin_lc = gen.rope(i)
         with attention_mode(self.attention):
             return gen.blocks_step(
                 gen.embed_scale(i, self.x_in[i], self.start_B1C),
-                gen.rope_cos_Lc[tokens],
-                gen.rope_sin_Lc[tokens],
+                cos_lc,
+                sin_lc,
                 self.ada_blocks,
                 self.ada_head_B2C,
-                [(k[:, :, ctx], v[:, :, ctx]) for k, v in self.ctx_kv],
+                None if self.ctx_kv is None else [(k[:, :, ctx], v[:, :, ctx]) for k, v in self.ctx_kv],
                 self.self_kv,
                 sched.offsets[i],
             )
@@ -177,7 +181,8 @@ class FastTorchBackend:
         self.models = models.eval()
         self.cfg = models.cfg
         for m in (models.encoder, models.generator):
-            m.to(device=self.device, dtype=self.dtype)
+            if m is not None:
+                m.to(device=self.device, dtype=self.dtype)
         models.vqvae.to(device=self.device, dtype=torch.float32)
         self._scans: dict[int, StaticScan] = {}
 
@@ -189,13 +194,15 @@ class FastTorchBackend:
     # ---- the decode contract ---------------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
+        if self.models.encoder is None:
+            raise InputError(f"model {self.cfg.name} has no fMRI encoder: it cannot decode voxels")
         out = self.models.encoder(voxels_BV.to(self.device, self.dtype), subject)
         return out.pooled_BD, out.context_BSD()
 
     @torch.inference_mode()
-    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor) -> FastState:
+    def prepare(self, pooled_BD: Tensor, context_BSD: Tensor | None) -> FastState:
         gen = self.models.generator
-        state = gen.prepare(pooled_BD.to(self.dtype), context_BSD.to(self.dtype), self_cache=False)
+        state = gen.prepare(*cast_condition(pooled_BD, context_BSD, self.device, self.dtype), self_cache=False)
         scan = self._scan(pooled_BD.shape[0])
         scan.load(state)
         return FastState(scan)

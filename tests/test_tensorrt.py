@@ -1,0 +1,680 @@
+"""TensorRT plans: profiles, binding tables, the in-place cache graph, manifest updates, load-time checks, CLI.
+
+Everything but the last tests runs without TensorRT or a GPU. The backend itself runs here on a test double:
+``FakeTensorRT`` has the slice of TensorRT's runtime API the backend calls and executes each "plan" with
+onnxruntime on host memory at the bound addresses, so the binding plan (buffers, offsets, aliasing, ping-pong
+caches, rope layout, write indices) and the backend's row handling and graph replays are checked end to end
+against the onnxruntime backend. Tests that need TensorRT and a GPU are marked ``gpu`` and skipped without them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import enum
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+
+from mindhier_rt.bundle import Bundle
+from mindhier_rt.errors import BackendError, ConfigError, MissingDependencyError
+from mindhier_rt.export.tensorrt_build import (
+    ALIGNMENT,
+    HAS_TENSORRT,
+    ITEMSIZE,
+    KV_GRAPH,
+    BuildEnvironment,
+    BuildOptions,
+    PlanMismatchError,
+    RuntimeEnvironment,
+    binding_plan,
+    build_plans,
+    check_plan_metadata,
+    choose_self_cache,
+    choose_typing,
+    derive_kv_step_graph,
+    plan_profiles,
+    resolve_dim,
+    row_counts,
+    version_tuple,
+)
+from mindhier_rt.pipeline import reconstruct
+from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from mindhier_rt.runtime.tensorrt_backend import TensorRTBackend
+from mindhier_rt.sampling import SamplingConfig
+
+MODES = ["scale_local", "block_causal"]
+FAKE_VERSION = "10.15.1.29"  # has TensorScatter: in-place caches
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(tiny_export, tmp_path_factory):
+    """``bundle_copy(mode)``: a private copy of the session's tiny bundle (2 scans x 2 samples, guided)."""
+    copies: dict[str, Bundle] = {}
+
+    def get(mode: str) -> Bundle:
+        if mode not in copies:
+            _, bundle = tiny_export(mode)
+            dst = tmp_path_factory.mktemp(f"trt_{mode}") / "bundle"
+            shutil.copytree(bundle.root, dst)
+            copies[mode] = Bundle.open(dst)
+        return copies[mode]
+
+    return get
+
+
+# ---- pure planning -------------------------------------------------------------------------------------
+def test_dims_and_versions():
+    assert resolve_dim("past + tokens", {"past": 5, "tokens": 9}) == 14
+    assert resolve_dim(7, {}) == 7 and resolve_dim("rows", {"rows": 8}) == 8
+    with pytest.raises(ConfigError, match="unknown symbol 'nope'"):
+        resolve_dim("nope", {"rows": 1})
+    assert version_tuple("10.15.1.29") == (10, 15, 1, 29)
+    assert version_tuple("11.4.0.106") > version_tuple("10.15.1")
+    assert version_tuple("10.8.0.post1") == (10, 8, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_static_profile_per_scale(bundle_copy, mode):
+    manifest = bundle_copy(mode).manifest
+    sched = manifest["schedule"]
+    rows = row_counts(manifest)
+    assert (rows.scans, rows.samples, rows.guided, rows.rows, rows.sample_rows) == (2, 2, True, 8, 4)
+    profiles = plan_profiles(manifest, "generator_step", rows)
+    assert len(profiles) == sched["n_scales"]
+    for i, profile in enumerate(profiles):
+        for name, s in profile.items():
+            assert s["min"] == s["opt"] == s["max"], name
+        assert profile["h"]["opt"][:2] == [8, sched["token_counts"][i]]
+        assert profile["rope.cos"]["opt"][0] == sched["token_counts"][i]
+        assert profile["cross.0.key"]["opt"][0] == 8
+        if mode == "block_causal":
+            assert profile["past_key_values.0.key"]["opt"][2] == sched["cached_lengths"][i]
+        else:
+            assert not any(n.startswith("past_key_values") for n in profile)
+    (context,) = plan_profiles(manifest, "context", rows)
+    assert context["pooled"]["opt"][0] == 8
+    (update,) = plan_profiles(manifest, "update_1", rows)
+    assert update["f_hat"]["opt"][0] == 4 and update["idx"]["opt"] == [4, sched["token_counts"][1]]
+    (encoder,) = plan_profiles(manifest, "encoder_subj01", rows)
+    assert encoder["voxels"] == {"min": [1, 96], "opt": [2, 96], "max": [2, 96]}
+    bigger = row_counts(manifest, scans=3, samples=1)
+    assert plan_profiles(manifest, "context", bigger)[0]["pooled"]["opt"][0] == 6
+
+
+def _ranges_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def _check_plan(manifest, plan) -> None:
+    """Every binding aligned and inside its buffer; within one run no output overlaps another tensor except
+    the declared in-place pairs (present.X written over past_key_values.X)."""
+    for graph, table in plan.bindings.items():
+        n = len(next(iter(table.values())).shapes)
+        for p in range(n):
+            spans = []
+            for b in table.values():
+                assert b.offsets[p] % ALIGNMENT == 0
+                assert b.offsets[p] + b.nbytes(p) <= plan.buffers[b.buffer[p]], (graph, b.name)
+                spans.append((b, (b.buffer[p], b.offsets[p], b.offsets[p] + b.nbytes(p))))
+            for k, (b1, s1) in enumerate(spans):
+                for b2, s2 in spans[k + 1 :]:
+                    if b1.is_input and b2.is_input:
+                        continue
+                    if s1[0] != s2[0] or not _ranges_overlap(s1[1:], s2[1:]) or b1.nbytes(p) == 0 == b2.nbytes(p):
+                        continue
+                    names = {b1.name, b2.name}
+                    caches = {n.removeprefix("present.").removeprefix("past_key_values.") for n in names}
+                    in_place = (
+                        plan.self_cache == "in_place"
+                        and len(caches) == 1
+                        and any(n.startswith("present.") for n in names)
+                    )
+                    assert in_place, f"{graph} profile {p}: {b1.name} and {b2.name} overlap"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_binding_plan_shares_buffers_between_graphs(bundle_copy, mode):
+    manifest = bundle_copy(mode).manifest
+    sched = manifest["schedule"]
+    K = sched["n_scales"]
+    plan = binding_plan(manifest, row_counts(manifest))
+    _check_plan(manifest, plan)
+    step = plan.bindings["generator_step"]
+    assert step["h"].buffer[0] == "context.start" and set(step["h"].buffer[1:]) == {"step.h"}
+    assert step["ada_blocks"].buffer[0] == "context.ada_blocks"
+    cross = step["cross.1.value"]
+    block = math.prod(cross.shapes[0]) * 4
+    assert cross.copy_from is None
+    assert list(cross.offsets) == [s * block for s in sched["segment_of_scale"]]
+    # rope rows of each scale start on an aligned boundary, in scale order
+    starts = [r[2] for r in plan.rope_layout]
+    assert starts == sorted(starts) and all(s % ALIGNMENT == 0 for s in starts)
+    assert [r[0] for r in plan.rope_layout] == list(sched["offsets"][:K])
+    assert list(step["rope.sin"].offsets) == starts
+    # f_hat alternates between two buffers and the decoder reads the last one
+    for i in range(K):
+        upd = plan.bindings[f"update_{i}"]
+        assert upd["f_hat"].buffer[0] != upd["f_hat_next"].buffer[0]
+        if i:
+            assert upd["f_hat"].buffer[0] == plan.bindings[f"update_{i - 1}"]["f_hat_next"].buffer[0]
+    assert plan.bindings["vq_decoder"]["f_hat"].buffer[0] == plan.bindings[f"update_{K - 1}"]["f_hat_next"].buffer[0]
+    if mode == "block_causal":
+        assert plan.self_cache == "ping_pong"
+        past, present = step["past_key_values.1.key"], step["present.1.key"]
+        for i in range(K - 1):
+            assert present.buffer[i] == past.buffer[i + 1] != past.buffer[i]  # ping-pong, never in place
+    else:
+        assert plan.self_cache == "none" and not any(b.startswith("cache.") for b in plan.buffers)
+    recorded = json.loads(json.dumps(plan.to_dict()))
+    assert recorded["buffers"] == plan.buffers and recorded["rows"]["rows"] == 8
+
+
+def test_misaligned_segments_are_copied(bundle_copy):
+    """One row in float16: a cross segment of 1 x 2 x 5 x 32 halves is 640 bytes, not a multiple of 256, so the
+    step reads each layer's segment from an aligned copy instead of a pointer offset into the context cache."""
+    manifest = json.loads(json.dumps(bundle_copy("scale_local").manifest))
+    manifest["batch"] = {"scans": 1, "samples": 1, "rows": 1}
+    for entry in manifest["graphs"].values():
+        for spec in entry["inputs"] + entry["outputs"]:
+            if spec["dtype"] == "float32":
+                spec["dtype"] = "float16"
+    plan = binding_plan(manifest, row_counts(manifest))
+    cross = plan.bindings["generator_step"]["cross.0.key"]
+    block = math.prod(cross.shapes[0]) * ITEMSIZE[cross.dtype]
+    assert block % ALIGNMENT != 0
+    assert cross.buffer[0] == "step.cross.0.key" and set(cross.offsets) == {0}
+    assert [c[1] for c in cross.copy_from] == [s * block for s in manifest["schedule"]["segment_of_scale"]]
+    _check_plan(manifest, plan)
+
+
+def test_kv_graph_matches_the_concat_graph(bundle_copy):
+    """generator_step_kv (TensorScatter into a full-length cache, masked keys) gives the concat graph's logits
+    and caches at every scale, with stale values in the unwritten part of the cache."""
+    import onnxruntime as ort
+
+    bundle = bundle_copy("block_causal")
+    entry = derive_kv_step_graph(bundle)
+    kv_path = bundle.path(entry["file"])
+    from onnx import load
+
+    ops = {n.op_type for n in load(str(kv_path), load_external_data=False).graph.node}
+    assert "TensorScatter" in ops
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    concat = ort.InferenceSession(str(bundle.path("generator_step.onnx")), opts, providers=["CPUExecutionProvider"])
+    kv = ort.InferenceSession(str(kv_path), opts, providers=["CPUExecutionProvider"])
+    manifest, rng = bundle.manifest, np.random.default_rng(0)
+    cos, sin = (np.load(bundle.path(f"rope_{t}.npy")) for t in ("cos", "sin"))
+    specs = {s["name"]: s for s in manifest["graphs"]["generator_step"]["inputs"]}
+    R, L = 3, manifest["schedule"]["total_tokens"]
+    fixed = {
+        n: rng.standard_normal(resolve_shape(s, R), dtype=np.float32)
+        for n, s in specs.items()
+        if n in ("ada_blocks", "ada_head") or n.startswith("cross.")
+    }
+    past = {n: np.zeros(resolve_shape(s, R, past=0), np.float32) for n, s in specs.items() if n.startswith("past_")}
+    cache = {n: np.full((R, *p.shape[1:2], L, p.shape[3]), 7.0, np.float32) for n, p in past.items()}
+    out_names = [o.name for o in concat.get_outputs()]
+    for scale in manifest["scales"]:
+        l, off = scale["tokens"], scale["offset"]
+        feeds = {"h": rng.standard_normal((R, l, specs["h"]["shape"][2]), dtype=np.float32)}
+        feeds.update({"rope.cos": cos[off : off + l], "rope.sin": sin[off : off + l], **fixed})
+        ref = concat.run(None, {**feeds, **past})
+        got = kv.run(None, {**feeds, **cache, "write_indices": np.full(R, off, np.int64)})
+        np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
+        past = {n.replace("present", "past_key_values"): a for n, a in zip(out_names[1:], ref[1:], strict=True)}
+        cache = {n.replace("present", "past_key_values"): a for n, a in zip(out_names[1:], got[1:], strict=True)}
+        for name, a in past.items():
+            np.testing.assert_allclose(cache[name][:, :, : off + l], a, rtol=1e-6, atol=1e-6)
+    kv_path.unlink()
+
+
+def resolve_shape(spec, rows: int, past: int = 0) -> tuple[int, ...]:
+    return tuple(resolve_dim(d, {"rows": rows, "past": past, "tokens": 1}) for d in spec["shape"])
+
+
+# ---- decisions and load-time checks ------------------------------------------------------------------
+def test_precision_follows_the_onnx_on_strongly_typed_builds():
+    trt10 = BuildEnvironment("10.8.0.43", "GPU", "9.0", frozenset({"fp16", "bf16"}))
+    trt11 = BuildEnvironment("11.4.0.106", "GPU", "9.0")
+    assert choose_typing("float32", "fp32", trt11) == "strong"
+    assert choose_typing("float16", "fp16", trt11) == "strong"
+    assert choose_typing("float32", "fp16", trt10) == "weak"  # TensorRT 10's builder flag
+    with pytest.raises(ConfigError, match=r"re-export with `mindhier-rt export --dtype float16`"):
+        choose_typing("float32", "fp16", trt11)
+    with pytest.raises(ConfigError, match="--precision fp16"):
+        choose_typing("float16", "fp32", trt10)
+    with pytest.raises(ConfigError, match="must be one of"):
+        choose_typing("float32", "int8", trt10)
+
+
+def test_self_cache_choice(bundle_copy):
+    bc, sl = bundle_copy("block_causal").manifest, bundle_copy("scale_local").manifest
+    old, new, trt11 = (BuildEnvironment(v, "GPU", "9.0") for v in ("10.14.1.48", "10.15.1.29", "11.4.0.106"))
+    assert choose_self_cache(sl, new) == "none"
+    assert choose_self_cache(bc, old) == "ping_pong"
+    assert choose_self_cache(bc, new) == choose_self_cache(bc, trt11) == "in_place"
+    assert choose_self_cache(bc, trt11, "ping_pong") == "ping_pong"
+    with pytest.raises(ConfigError, match=r"needs TensorRT >= 10\.15"):
+        choose_self_cache(bc, old, "in_place")
+
+
+def test_plan_metadata_is_checked_at_load():
+    meta = {
+        "file": "x.plan",
+        "tensorrt_version": "10.15.1.29",
+        "gpu": "NVIDIA H100 80GB HBM3",
+        "compute_capability": "9.0",
+    }
+    here = RuntimeEnvironment("10.15.1.29", "NVIDIA H100 80GB HBM3", "9.0")
+    assert check_plan_metadata("context", meta, here) == []
+    with pytest.raises(PlanMismatchError, match=r"built with TensorRT 10\.15\.1\.29, this is TensorRT 10\.16"):
+        check_plan_metadata("context", meta, dataclasses.replace(here, tensorrt_version="10.16.0.1"))
+    with pytest.raises(PlanMismatchError, match=r"compute capability 9\.0 .* this GPU is 8\.0"):
+        check_plan_metadata("context", meta, dataclasses.replace(here, gpu="NVIDIA A100", compute_capability="8.0"))
+    (warning,) = check_plan_metadata("context", meta, dataclasses.replace(here, gpu="NVIDIA H200"))
+    assert "same architecture" in warning
+    with pytest.raises(PlanMismatchError, match="lean TensorRT runtime"):
+        check_plan_metadata("context", meta, dataclasses.replace(here, lean=True))
+    compatible = {**meta, "flags": ["version_compatible"]}
+    assert check_plan_metadata("context", compatible, dataclasses.replace(here, tensorrt_version="10.16.0.1")) == []
+    assert check_plan_metadata("context", compatible, dataclasses.replace(here, lean=True)) == []
+    for older_or_other in ("10.14.1.48", "11.0.0.1"):
+        with pytest.raises(PlanMismatchError, match="version compatible"):
+            check_plan_metadata("context", compatible, dataclasses.replace(here, tensorrt_version=older_or_other))
+    with pytest.raises(PlanMismatchError, match="lacks compute_capability"):
+        check_plan_metadata("context", {k: v for k, v in meta.items() if k != "compute_capability"}, here)
+
+
+# ---- a TensorRT double: plans are JSON, engines run the ONNX graph with onnxruntime on host memory ----
+class FakePlanBuilder:
+    def __init__(self, version: str = FAKE_VERSION, fail_on: str | None = None) -> None:
+        weak = frozenset({"fp16", "bf16"}) if version_tuple(version) < (11,) else frozenset()
+        self.env = BuildEnvironment(version, "Fake GPU", "9.0", weak)
+        self.fail_on, self.built, self.finished = fail_on, [], False
+
+    def environment(self) -> BuildEnvironment:
+        return self.env
+
+    def build(self, graph, onnx_path, profiles, typing, precision, options) -> bytes:
+        if graph == self.fail_on:
+            raise BackendError(f"TensorRT failed to build {graph}")
+        self.built.append((graph, len(profiles), typing, precision))
+        aliases = {}
+        if graph == KV_GRAPH:
+            names = [s["name"] for s in json.loads((onnx_path.parent / "manifest.json").read_text())["graphs"][
+                "generator_step"]["outputs"]]  # fmt: skip
+            aliases = {n: "past_key_values." + n.removeprefix("present.") for n in names if n.startswith("present.")}
+        return json.dumps({"onnx": str(onnx_path), "profiles": len(profiles), "aliases": aliases}).encode()
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+class FakeTensorRT:
+    """The part of TensorRT's runtime API the backend uses."""
+
+    __version__ = FAKE_VERSION
+
+    class Logger:
+        WARNING, INFO, ERROR = 2, 3, 1
+
+        def __init__(self, level: int = 2) -> None:
+            self.level = level
+
+    DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT64 INT32 BOOL")
+    TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
+    ExecutionContextAllocationStrategy = enum.Enum("ExecutionContextAllocationStrategy", "STATIC USER_MANAGED")
+
+    class Runtime:
+        def __init__(self, logger) -> None:
+            self.engine_host_code_allowed = False
+
+        def deserialize_cuda_engine(self, blob: bytes):
+            return FakeEngine(json.loads(blob))
+
+
+ORT_TYPES = {
+    "tensor(float)": ("FLOAT", np.float32),
+    "tensor(float16)": ("HALF", np.float16),
+    "tensor(int64)": ("INT64", np.int64),
+}
+
+
+class FakeEngine:
+    def __init__(self, spec: dict) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(spec["onnx"], opts, providers=["CPUExecutionProvider"])
+        self.num_optimization_profiles, self.aliases = spec["profiles"], spec["aliases"]
+        self.io = {t.name: (True, t.type) for t in self.session.get_inputs()}
+        self.io.update({t.name: (False, t.type) for t in self.session.get_outputs()})
+        self.names = list(self.io)
+        self.num_io_tensors = len(self.names)
+        self.contexts: list[FakeContext] = []
+
+    def get_tensor_name(self, k: int) -> str:
+        return self.names[k]
+
+    def get_tensor_mode(self, name: str):
+        return FakeTensorRT.TensorIOMode.INPUT if self.io[name][0] else FakeTensorRT.TensorIOMode.OUTPUT
+
+    def get_tensor_dtype(self, name: str):
+        return FakeTensorRT.DataType[ORT_TYPES[self.io[name][1]][0]]
+
+    def get_device_memory_size_for_profile_v2(self, profile: int) -> int:
+        return 1024
+
+    def get_aliased_input_tensor(self, name: str) -> str | None:
+        return self.aliases.get(name)
+
+    def create_execution_context(self, strategy):
+        assert strategy == FakeTensorRT.ExecutionContextAllocationStrategy.USER_MANAGED
+        ctx = FakeContext(self)
+        self.contexts.append(ctx)
+        return ctx
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine) -> None:
+        self.engine, self.shapes, self.addresses, self.profile, self.runs = engine, {}, {}, None, 0
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        assert ptr and size >= 1024
+
+    def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
+        self.profile = profile
+        return True
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        assert ptr % ALIGNMENT == 0, name
+        self.addresses[name] = ptr
+        return True
+
+    def _inputs(self, zeros: bool = False) -> dict[str, np.ndarray]:
+        feeds = {}
+        for name, (is_input, kind) in self.engine.io.items():
+            if is_input:
+                dtype = ORT_TYPES[kind][1]
+                shape = self.shapes[name]
+                if zeros:
+                    feeds[name] = np.zeros(shape, dtype)
+                else:
+                    n = math.prod(shape) * np.dtype(dtype).itemsize
+                    raw = (ctypes.c_char * max(n, 1)).from_address(self.addresses[name])
+                    feeds[name] = np.frombuffer(raw, dtype, count=math.prod(shape)).reshape(shape).copy()
+        return feeds
+
+    def get_tensor_shape(self, name: str):
+        outs = self.engine.session.run(None, self._inputs(zeros=True))
+        return dict(zip([o.name for o in self.engine.session.get_outputs()], [o.shape for o in outs], strict=True))[
+            name
+        ]
+
+    def execute_async_v3(self, stream: int) -> bool:
+        outs = self.engine.session.run(None, self._inputs())
+        for o, a in zip(self.engine.session.get_outputs(), outs, strict=True):
+            a = np.ascontiguousarray(a)
+            ctypes.memmove(self.addresses[o.name], a.ctypes.data, a.nbytes)
+        self.runs += 1
+        return True
+
+
+class HostMemory:
+    """The backend's memory interface on host memory; ``capture`` keeps the closure, ``launch`` replays it."""
+
+    device = torch.device("cpu")
+    stream_handle = 0
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, torch.Tensor] = {}
+        self.captures = self.launches = 0
+
+    def properties(self) -> tuple[str, str]:
+        return "Fake GPU", "9.0"
+
+    def alloc(self, nbytes: int) -> int:
+        buf = torch.zeros(nbytes + ALIGNMENT, dtype=torch.uint8)
+        ptr = buf.data_ptr()
+        start = (-ptr) % ALIGNMENT
+        self.buffers[ptr + start] = buf[start : start + nbytes]
+        return ptr + start
+
+    def _bytes(self, ptr: int, nbytes: int) -> torch.Tensor:
+        for base, buf in self.buffers.items():
+            if base <= ptr and ptr + nbytes <= base + buf.numel():
+                return buf[ptr - base : ptr - base + nbytes]
+        raise AssertionError(f"{ptr:#x} outside the buffers")
+
+    def view(self, ptr, shape, dtype):
+        from mindhier_rt.runtime.tensorrt_backend import TORCH_DTYPES
+
+        return self._bytes(ptr, math.prod(shape) * ITEMSIZE[dtype]).view(TORCH_DTYPES[dtype]).view(shape)
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
+
+    def synchronize(self) -> None: ...
+
+    def write(self, ptr, shape, dtype, src) -> None:
+        self.view(ptr, shape, dtype)[: src.shape[0]].copy_(src)
+
+    def read(self, ptr, shape, dtype, rows):
+        return self.view(ptr, shape, dtype)[:rows]
+
+    def copy(self, dst, src, nbytes) -> None:
+        self._bytes(dst, nbytes).copy_(self._bytes(src, nbytes))
+
+    def upload(self, ptr, array) -> None:
+        data = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
+        self._bytes(ptr, data.numel()).copy_(data)
+
+    def zero(self, ptr, nbytes) -> None:
+        self._bytes(ptr, nbytes).zero_()
+
+    def capture(self, run):
+        self.captures += 1
+        return run
+
+    def launch(self, graph) -> None:
+        self.launches += 1
+        graph()
+
+
+def fake_backend(bundle: Bundle, memory: HostMemory | None = None) -> TensorRTBackend:
+    return TensorRTBackend(bundle.root, memory=memory or HostMemory(), tensorrt=(FakeTensorRT, False))
+
+
+# ---- build_plans and the manifest --------------------------------------------------------------------
+def test_build_writes_plans_and_the_manifest(bundle_copy, tmp_path):
+    src = bundle_copy("scale_local")
+    root = tmp_path / "bundle"
+    shutil.copytree(src.root, root)
+    builder = FakePlanBuilder()
+    report = build_plans(root, BuildOptions(version_compatible=True), builder=builder)
+    assert builder.finished and report.self_cache == "none"
+    bundle = Bundle.open(root)  # every plan file is in the checksums
+    manifest = bundle.manifest
+    K = manifest["schedule"]["n_scales"]
+    plans = manifest["plans"]
+    expected = {"generator_step", "context", "encoder_subj01", "encoder_subj02", "vq_decoder"}
+    assert set(plans) == expected | {f"update_{i}" for i in range(K)}
+    for graph, entry in plans.items():
+        assert entry["file"] == f"{graph}.plan" and entry["file"] in manifest["files"]
+        assert {"min", "opt", "max"} == set(next(iter(entry["profiles"][0].values())))
+        assert entry["tensorrt_version"] == FAKE_VERSION and entry["compute_capability"] == "9.0"
+        assert entry["precision"] == "fp32" and entry["typing"] == "strong" and entry["flags"] == ["version_compatible"]
+    assert len(plans["generator_step"]["profiles"]) == K
+    assert plans["generator_step"]["profiles"] == plan_profiles(manifest, "generator_step", row_counts(manifest))
+    assert manifest["tensorrt"]["self_cache"] == "none" and manifest["versions"]["tensorrt"] == FAKE_VERSION
+    assert builder.built[0][0] == "generator_step"  # the longest build first
+    assert not (root / ".plans-building").exists()
+
+    # a failed build leaves the bundle as it was
+    before = json.loads((root / "manifest.json").read_text())
+    with pytest.raises(BackendError, match="failed to build update_1"):
+        build_plans(root, BuildOptions(), builder=FakePlanBuilder(fail_on="update_1"))
+    assert json.loads((root / "manifest.json").read_text()) == before
+    Bundle.open(root)
+    assert not (root / ".plans-building").exists()
+    with pytest.raises(ConfigError, match=r"re-export with `mindhier-rt export --dtype float16`"):
+        build_plans(root, BuildOptions(precision="fp16"), builder=FakePlanBuilder("11.4.0.106"))
+
+
+def test_block_causal_build_switches_between_cache_modes(bundle_copy, tmp_path):
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("block_causal").root, root)
+    report = build_plans(root, BuildOptions(), builder=FakePlanBuilder(FAKE_VERSION))
+    manifest = Bundle.open(root).manifest
+    assert report.self_cache == "in_place" and manifest["tensorrt"]["step_graph"] == KV_GRAPH
+    assert KV_GRAPH in manifest["plans"] and "generator_step" not in manifest["plans"]
+    kv = manifest["graphs"][KV_GRAPH]
+    L = manifest["schedule"]["total_tokens"]
+    assert kv["file"] == f"{KV_GRAPH}.onnx" and f"{KV_GRAPH}.onnx" in manifest["files"]
+    assert next(s for s in kv["inputs"] if s["name"] == "past_key_values.0.key")["shape"][2] == L
+    assert manifest["tensorrt"]["write_indices"]["buffer"] == "table.write_indices"
+    plan = binding_plan(manifest, row_counts(manifest), KV_GRAPH)
+    _check_plan(manifest, plan)
+    step = plan.bindings[KV_GRAPH]
+    assert step["present.0.value"].buffer == step["past_key_values.0.value"].buffer  # one buffer, in place
+    report = build_plans(root, BuildOptions(), builder=FakePlanBuilder("10.14.1.48"))  # no TensorScatter
+    manifest = Bundle.open(root).manifest
+    assert report.self_cache == "ping_pong" and KV_GRAPH not in manifest["graphs"]
+    assert not (root / f"{KV_GRAPH}.onnx").exists() and not (root / f"{KV_GRAPH}.plan").exists()
+    with pytest.raises(BackendError):  # a failed in-place build leaves no derived graph behind
+        build_plans(root, BuildOptions(), builder=FakePlanBuilder(FAKE_VERSION, fail_on="context"))
+    assert not (root / f"{KV_GRAPH}.onnx").exists()
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder(FAKE_VERSION))
+    with pytest.raises(BackendError):  # a failed ping-pong build keeps the in-place one the manifest lists
+        build_plans(root, BuildOptions(), builder=FakePlanBuilder("10.14.1.48", fail_on="context"))
+    assert Bundle.open(root).manifest["tensorrt"]["self_cache"] == "in_place"
+
+
+# ---- the backend, on the double -----------------------------------------------------------------------
+@pytest.mark.parametrize(("mode", "version"), [("scale_local", FAKE_VERSION), ("block_causal", FAKE_VERSION),
+                                               ("block_causal", "10.14.1.48")], ids=["scale_local", "in_place",
+                                                                                     "ping_pong"])  # fmt: skip
+def test_backend_decodes_like_onnxruntime(bundle_copy, tmp_path, mode, version):
+    """Same tokens and images as the onnxruntime backend, through the binding plan; with fewer rows than
+    built (1 scan x 2 samples of 2 x 2), guidance switched off mid-way, and replayed "graphs"."""
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy(mode).root, root)
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder(version))
+    FakeTensorRT.__version__ = version
+    try:
+        memory = HostMemory()
+        backend = fake_backend(Bundle.open(root), memory)
+        reference = OnnxRuntimeBackend(root)
+        voxels = torch.randn(2, 96, generator=torch.Generator().manual_seed(3))
+        for sampling, n_scans, samples in ((SamplingConfig(seed=5), 2, 2), (SamplingConfig(seed=1, cfg_stop=2), 1, 2)):
+            for _ in range(2):  # the second decode replays the captured runs
+                got = reconstruct(backend, voxels[:n_scans], "subj01", sampling, samples=samples)
+            ref = reconstruct(reference, voxels[:n_scans], "subj01", sampling, samples=samples)
+            for a, b in zip(ref.tokens, got.tokens, strict=True):
+                assert torch.equal(a, b)
+            assert (ref.images_NS3HW - got.images_NS3HW).abs().max().item() < 1e-5
+        assert memory.captures > 0 and memory.launches > memory.captures
+        with pytest.raises(BackendError, match=r"plans were built for 2 .* --batch"):
+            backend.encode(torch.zeros(3, 96), "subj01")
+    finally:
+        FakeTensorRT.__version__ = FAKE_VERSION
+
+
+def test_backend_refuses_mismatching_plans(bundle_copy, tmp_path):
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("scale_local").root, root)
+    with pytest.raises(PlanMismatchError, match="no TensorRT plans"):
+        fake_backend(Bundle.open(root))
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder("10.14.1.48"))
+    with pytest.raises(PlanMismatchError, match=r"built with TensorRT 10\.14\.1\.48, this is TensorRT 10\.15"):
+        fake_backend(Bundle.open(root))
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder(FAKE_VERSION))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["graphs"]["context"]["outputs"][0]["dtype"] = "float16"  # the engine says float32
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PlanMismatchError, match="rebuild"):
+        fake_backend(Bundle.open(root, verify=False))
+
+
+# ---- without TensorRT / a GPU ----------------------------------------------------------------------------
+@pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed here")
+def test_cli_build_and_decode_without_tensorrt(cli, bundle_copy, tmp_path):
+    root = bundle_copy("scale_local").root
+    code, out, err = cli("build", "--engine", root)
+    assert code == 2 and out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert "TensorRT is not installed" in err and "pip install tensorrt" in err
+    np.save(tmp_path / "v.npy", np.zeros((1, 96), np.float32))
+    code, _, err = cli(
+        "decode", "--engine", root, "--backend", "tensorrt", "--fmri", tmp_path / "v.npy", "--subject", "subj01",
+        "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "needs TensorRT" in err and "pip install" in err
+    code, _, err = cli("build", "--engine", root, "--kv-cache", "sideways")
+    assert code == 1 and "--kv-cache must be" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible here")
+def test_torch_memory_without_a_gpu(bundle_copy):
+    with pytest.raises(MissingDependencyError, match="needs a CUDA GPU"):
+        TensorRTBackend(bundle_copy("scale_local").root, memory="torch", tensorrt=(FakeTensorRT, False))
+
+
+# ---- with TensorRT and a GPU ------------------------------------------------------------------------------
+needs_tensorrt_gpu = pytest.mark.skipif(
+    not (HAS_TENSORRT and torch.cuda.is_available()), reason="needs TensorRT and a CUDA GPU"
+)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+@needs_tensorrt_gpu
+@pytest.mark.parametrize("memory", ["torch", "cuda-python"])
+@pytest.mark.parametrize("mode", MODES)
+def test_tensorrt_plans_decode_like_onnxruntime(bundle_copy, tmp_path, mode, memory):
+    """Real plans (fp32, TF32 allowed): per-scale logits in lockstep within 1e-2, and the full loop runs."""
+    from mindhier_rt.sampling import cfg_combine, guidance_weight, sample_tokens
+
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy(mode).root, root)
+    build_plans(root, BuildOptions(timing_cache=tmp_path / "timing.cache"))
+    assert (tmp_path / "timing.cache").stat().st_size > 0
+    backend = TensorRTBackend(root, memory=memory)
+    reference = OnnxRuntimeBackend(root)
+    K = backend.cfg.schedule.n_scales
+    voxels = torch.randn(2, 96, generator=torch.Generator().manual_seed(0))
+    sampling, rows = SamplingConfig(seed=5), torch.arange(4)
+    states, f_hats, xs = [], [], [None, None]
+    for be in (reference, backend):
+        pooled, context = be.encode(voxels.to(be.device), "subj01")
+        null_pooled, null_context = be.encode(torch.zeros(1, 96, device=be.device), "subj01")
+        pooled, context = (
+            torch.cat([pooled, null_pooled.expand(2, -1)]),
+            torch.cat([context, null_context.expand(2, -1, -1)]),
+        )
+        states.append(be.prepare(pooled, context))
+        f_hats.append(be.empty_fhat(2))
+    for i in range(K):
+        logits = [be.step(i, st, x).cpu() for be, st, x in zip((reference, backend), states, xs, strict=True)]
+        ref, got = (cfg_combine(lg[:2], lg[2:], guidance_weight(sampling, i, K)) for lg in logits)
+        assert ((ref - got).abs().max() / ref.abs().max()).item() < 1e-2
+        idx = sample_tokens(ref, sampling, i, rows[:2], rows[:2] * 0)
+        for j, be in enumerate((reference, backend)):
+            f_hats[j], x = be.update(i, f_hats[j], idx.to(be.device))
+            xs[j] = None if x is None else torch.cat([x, x])
+    rec = reconstruct(backend, voxels, "subj01", sampling, samples=2)
+    assert rec.images_NS3HW.shape[:2] == (2, 2) and torch.isfinite(rec.images_NS3HW).all()
