@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mindhier_rt.data.h5 import H5_ERRORS
 from mindhier_rt.errors import InputError
 from mindhier_rt.io import PathLike, atomic_path
 
@@ -44,7 +45,6 @@ __all__ = ["CACHE_FORMAT", "CachedColumn", "CachedFeatures", "FeatureCache", "te
 
 CACHE_FORMAT = 1
 _DTYPES = {"float16": np.float16, "float32": np.float32}
-_H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 
 
 def weights_hash(*modules: nn.Module) -> str:
@@ -96,7 +96,7 @@ class FeatureCache:
                 found = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
                 index = np.asarray(f["image_index"][()], dtype=np.int64)
                 n_levels, n_text = f["levels"].shape[0], f["text"].shape[0]
-        except _H5_ERRORS as e:
+        except H5_ERRORS as e:
             raise InputError(
                 f"{part}: expected a readable feature-cache part, found an unreadable or corrupt file ({e}); delete it"
             ) from e
@@ -181,7 +181,7 @@ class CachedFeatures:
         self._files: list[h5py.File] = []
         try:
             self._files = [h5py.File(p, "r") for p in parts]
-        except _H5_ERRORS as e:
+        except H5_ERRORS as e:
             self.close()
             raise InputError(f"expected readable feature-cache parts in {parts[0].parent}, found ({e})") from e
         self.levels = CachedColumn(self, "levels")

@@ -38,6 +38,7 @@ import h5py
 import numpy as np
 
 from mindhier_rt.config import NSD_SUBJECTS
+from mindhier_rt.data.h5 import H5_ERRORS, h5_dataset, unreadable
 from mindhier_rt.errors import InputError
 from mindhier_rt.io import PathLike
 
@@ -68,7 +69,6 @@ BEHAV_SHARED1000 = 16
 WDS_SPLITS: dict[str, str] = {"train": "train", "test": "new_test"}  # our split name -> folder under wds/subjXX
 _BETAS_RE = re.compile(r"^betas_all_(subj\d\d)_fp32_renorm\.hdf5$")
 _READ_ROWS = 256  # rows per h5py read (fancy indexing wants increasing, unique rows)
-_H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 _TAR_ERRORS = (OSError, EOFError, tarfile.TarError, ValueError)
 
 
@@ -112,10 +112,6 @@ def _check_tar_end(path: Path, end: int) -> None:
         )
 
 
-def _h5_error(path: Path, e: Exception) -> InputError:
-    return InputError(f"{path}: expected a readable HDF5 file, found a truncated or corrupt file ({e})")
-
-
 class MindEye2Dataset:
     """The MindEye2 NSD files under ``root``; the same interface as :class:`~mindhier_rt.data.nsd.BrainDataset`.
 
@@ -154,14 +150,10 @@ class MindEye2Dataset:
             raise InputError(f"{path}: expected the NSD stimulus file, found no such file")
         try:
             with h5py.File(path, "r") as f:
-                dset = f.get("images")
-                if not isinstance(dset, h5py.Dataset):
-                    raise InputError(
-                        f"{path}: expected an HDF5 dataset 'images', found {', '.join(f.keys()) or 'nothing'}"
-                    )
+                dset = h5_dataset(f, path, "images")
                 shape, dtype = dset.shape, dset.dtype
-        except _H5_ERRORS as e:
-            raise _h5_error(path, e) from e
+        except H5_ERRORS as e:
+            raise unreadable(path, e) from e
         if len(shape) != 4 or shape[1] != 3 or shape[2] != shape[3] or shape[0] < 1:
             raise InputError(f"{path}: expected 'images' of shape [N, 3, S, S], found {shape}")
         if not np.issubdtype(dtype, np.floating):
@@ -198,8 +190,8 @@ class MindEye2Dataset:
                     # scatter the block to every output position that asked for one of its rows
                     where = (inverse >= start) & (inverse < start + rows.size)
                     out[where] = block[inverse[where] - start]
-        except _H5_ERRORS as e:
-            raise _h5_error(path, e) from e
+        except H5_ERRORS as e:
+            raise unreadable(path, e) from e
         if not np.isfinite(out).all():
             raise InputError(f"{path}: expected finite pixel values, found NaN or inf")
         return out
@@ -338,11 +330,7 @@ class MindEye2Dataset:
         out = np.empty((rows.size, n_vox), dtype=np.float32)
         try:
             with h5py.File(path, "r") as f:
-                dset = f.get("betas")
-                if not isinstance(dset, h5py.Dataset):
-                    raise InputError(
-                        f"{path}: expected an HDF5 dataset 'betas', found {', '.join(f.keys()) or 'nothing'}"
-                    )
+                dset = h5_dataset(f, path, "betas")
                 if dset.ndim != 2 or not np.issubdtype(dset.dtype, np.floating):
                     raise InputError(f"{path}: expected float betas [trials, voxels], found {dset.dtype} {dset.shape}")
                 if dset.shape[1] != n_vox:
@@ -356,8 +344,8 @@ class MindEye2Dataset:
                     )
                 for start in range(0, rows.size, _READ_ROWS):
                     out[start : start + _READ_ROWS] = dset[rows[start : start + _READ_ROWS]]
-        except _H5_ERRORS as e:
-            raise _h5_error(path, e) from e
+        except H5_ERRORS as e:
+            raise unreadable(path, e) from e
         bad = ~np.isfinite(out).all(axis=1)
         if bad.any():
             raise InputError(f"{path}: expected finite betas, found {int(bad.sum())} trials with NaN or inf values")

@@ -26,6 +26,7 @@ import h5py
 import numpy as np
 
 from mindhier_rt.config import preset
+from mindhier_rt.data.h5 import H5_ERRORS, h5_dataset, unreadable
 from mindhier_rt.data.synthetic import StimulusAttributes, SyntheticSet, make_synthetic
 from mindhier_rt.errors import InputError
 from mindhier_rt.io import PathLike, atomic_path, write_json
@@ -37,7 +38,6 @@ __all__ = ["LAYOUT_VERSION", "SPLITS", "BrainDataset", "synth_command_impl", "wr
 LAYOUT_VERSION = 1
 SPLITS: dict[str, int] = {"train": 0, "test": 1}
 _BLOCK_BYTES = 256 * 2**20  # rows of betas are read in blocks of about this size
-_H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError, TypeError)
 _NPZ_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, TypeError)
 
 
@@ -120,14 +120,6 @@ def synth_command_impl(
 # reading
 
 
-def _h5_dataset(f: h5py.File, path: Path, name: str) -> h5py.Dataset:
-    obj = f.get(name)
-    if not isinstance(obj, h5py.Dataset):
-        found = ", ".join(f.keys()) or "nothing"
-        raise InputError(f"{path}: expected an HDF5 dataset {name!r}, found {found}")
-    return obj
-
-
 class BrainDataset:
     """Reader for the layout above (synthetic or NSD).
 
@@ -193,7 +185,7 @@ class BrainDataset:
         s = self.image_size
         try:
             with h5py.File(path, "r") as f:
-                dset = _h5_dataset(f, path, "images")
+                dset = h5_dataset(f, path, "images")
                 if dset.shape != (self.n_images, s, s, 3) or dset.dtype != np.uint8:
                     raise InputError(
                         f"{path}: expected 'images' uint8 of shape {(self.n_images, s, s, 3)}, "
@@ -206,8 +198,8 @@ class BrainDataset:
                 else:
                     uniq, inverse = np.unique(idx, return_inverse=True)  # h5py wants increasing indices
                     u8 = dset[uniq][inverse.reshape(-1)]
-        except _H5_ERRORS as e:
-            raise InputError(f"{path}: expected a readable HDF5 file, found an unreadable or corrupt file ({e})") from e
+        except H5_ERRORS as e:
+            raise unreadable(path, e) from e
         return np.ascontiguousarray(u8.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
     def captions(self) -> list[str]:
@@ -290,7 +282,7 @@ class BrainDataset:
             raise InputError(f"{path}: expected the betas of {subject}, found no such file")
         try:
             with h5py.File(path, "r") as f:
-                dset = _h5_dataset(f, path, "betas")
+                dset = h5_dataset(f, path, "betas")
                 if dset.ndim != 2 or not np.issubdtype(dset.dtype, np.floating):
                     raise InputError(f"{path}: expected float betas [trials, voxels], found {dset.dtype} {dset.shape}")
                 if dset.shape[1] != n_vox:
@@ -304,8 +296,8 @@ class BrainDataset:
                     keep = rows[start : start + block]
                     if keep.any():
                         parts.append(np.asarray(dset[start : start + block], dtype=np.float32)[keep])
-        except _H5_ERRORS as e:
-            raise InputError(f"{path}: expected a readable HDF5 file, found an unreadable or corrupt file ({e})") from e
+        except H5_ERRORS as e:
+            raise unreadable(path, e) from e
         out = np.concatenate(parts) if parts else np.zeros((0, n_vox), dtype=np.float32)
         if not np.isfinite(out).all():
             bad = int((~np.isfinite(out).all(axis=1)).sum())

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mindhier_rt.errors import ConfigError, InputError
+from mindhier_rt.errors import ConfigError
 from mindhier_rt.models.attention import AttentionMode, attention_mode
 from mindhier_rt.models.blocks import SelfKVCache
 from mindhier_rt.models.generator import ScaleGenerator, ScanState
 from mindhier_rt.models.mindhier import MindHier
-from mindhier_rt.runtime.torch_backend import cast_condition
+from mindhier_rt.runtime.torch_backend import TorchBackend, cast_condition
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class FastState:
     scan: StaticScan
 
 
-class FastTorchBackend:
+class FastTorchBackend(TorchBackend):
     """``TorchBackend`` with static buffers, CUDA graphs, Triton attention and half-precision weights."""
 
     name = "torch-fast"
@@ -178,12 +178,8 @@ class FastTorchBackend:
             log.info(
                 "fast backend on %s: float32, static buffers, no CUDA graphs, %s attention", self.device, attention
             )
-        self.models = models.eval()
-        self.cfg = models.cfg
-        for m in (models.encoder, models.generator):
-            if m is not None:
-                m.to(device=self.device, dtype=self.dtype)
-        models.vqvae.to(device=self.device, dtype=torch.float32)
+        super().__init__(models, self.device, self.dtype)  # moves the models, casts encoder + generator
+        models.vqvae.float()
         self._scans: dict[int, StaticScan] = {}
 
     def _scan(self, rows: int) -> StaticScan:
@@ -192,13 +188,7 @@ class FastTorchBackend:
         return self._scans[rows]
 
     # ---- the decode contract ---------------------------------------------------------------------
-    @torch.inference_mode()
-    def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
-        if self.models.encoder is None:
-            raise InputError(f"model {self.cfg.name} has no fMRI encoder: it cannot decode voxels")
-        out = self.models.encoder(voxels_BV.to(self.device, self.dtype), subject)
-        return out.pooled_BD, out.context_BSD()
-
+    # encode, empty_fhat, update and decode_image are the eager backend's.
     @torch.inference_mode()
     def prepare(self, pooled_BD: Tensor, context_BSD: Tensor | None) -> FastState:
         gen = self.models.generator
@@ -218,14 +208,3 @@ class FastTorchBackend:
     def step(self, i: int, state: FastState, x_BlE: Tensor | None) -> Tensor:
         # a copy: the graph's output buffer is overwritten by the next replay
         return state.scan.run(i, x_BlE).float().clone()
-
-    def empty_fhat(self, batch: int) -> Tensor:
-        return self.models.vqvae.empty_fhat(batch, self.device, torch.float32)
-
-    @torch.inference_mode()
-    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self.models.vqvae.update_fhat(i, f_hat_BEhw, idx_Bl)
-
-    @torch.inference_mode()
-    def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
-        return self.models.vqvae.fhat_to_img(f_hat_BEhw)
