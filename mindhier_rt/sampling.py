@@ -239,9 +239,9 @@ def uniforms(
 def stable_top_k(x_NlV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first k entries of a stable descending sort of the last axis (ties by ascending index): values, indices.
 
-    ``torch.topk`` is much faster than a full sort for k << V (measured on CPU: 2.7x at k = 400 of 4096,
-    slower than the sort above about k = V / 4) but does not say which of several equal values at the
-    k-th place it keeps. So: take topk, order the k kept entries stably (by index, then by value), and redo
+    ``torch.topk`` is much faster than a full sort for k << V (CPU, ``benchmarks/results/topk_cpu.md``: 2.85x at
+    k = 400 of 4096, no gain at k = 900; taken here for k <= V / 8) but does not say which of several equal
+    values at the k-th place it keeps. So: take topk, order the k kept entries stably (by index, then by value), and redo
     with the full stable sort only the rows where the k-th value also occurs outside the kept set (a tie
     across the cut, rare for real logits). The result equals the full sort's exactly.
     """
