@@ -241,9 +241,9 @@ def stable_top_k(x_NlV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
     ``torch.topk`` is much faster than a full sort for k << V (CPU, ``benchmarks/results/topk_cpu.md``: 2.85x at
     k = 400 of 4096, no gain at k = 900; taken here for k <= V / 8) but does not say which of several equal
-    values at the k-th place it keeps. So: take topk, order the k kept entries stably (by index, then by value), and redo
-    with the full stable sort only the rows where the k-th value also occurs outside the kept set (a tie
-    across the cut, rare for real logits). The result equals the full sort's exactly.
+    values at the k-th place it keeps. So: take topk, order the k kept entries stably (by index, then by
+    value), and redo with the full stable sort only the rows where the k-th value also occurs outside the
+    kept set (a tie across the cut, rare for real logits). The result equals the full sort's exactly.
     """
     V = x_NlV.shape[-1]
     if 8 * k > V:
