@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from mindhier_rt.errors import InputError
-from mindhier_rt.runtime.base import DecodeBackend
-from mindhier_rt.sampling import SamplingConfig, cfg_combine, guidance_active, guidance_weight, sample_tokens
+from mindhier_rt.runtime.base import DecodeBackend, host_threads
+from mindhier_rt.sampling import SamplingConfig, choose_tokens, guidance_active, guidance_weight
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,12 @@ def reconstruct(
             f"model {backend.cfg.name} is class-conditional: decode class labels (--class-label), not voxels"
         )
     dev = backend.device
-    cond = backend.encode(voxels_NV.to(dev, torch.float32), subject)
-    null = None
-    if guidance_active(sampling, 0):  # the null condition: the encoding of all-zero voxels
-        null = backend.encode(torch.zeros_like(voxels_NV[:1], device=dev, dtype=torch.float32), subject)
-    rec = _decode(backend, cond, null, sampling, samples, scan_ids, on_scale)
+    with host_threads(backend):
+        cond = backend.encode(voxels_NV.to(dev, torch.float32), subject)
+        null = None
+        if guidance_active(sampling, 0):  # the null condition: the encoding of all-zero voxels
+            null = backend.encode(torch.zeros_like(voxels_NV[:1], device=dev, dtype=torch.float32), subject)
+        rec = _decode(backend, cond, null, sampling, samples, scan_ids, on_scale)
     rec.pooled_ND = cond[0].float().cpu()
     return rec
 
@@ -82,7 +83,8 @@ def generate(
         raise InputError(f"class labels must be in 0..{g.num_classes - 1}, got {bad.tolist()}")
     dev = backend.device
     null = (torch.full((1,), g.num_classes, dtype=torch.long, device=dev), None)
-    return _decode(backend, (labels_N.to(dev), None), null, sampling, samples, scan_ids, on_scale)
+    with host_threads(backend):
+        return _decode(backend, (labels_N.to(dev), None), null, sampling, samples, scan_ids, on_scale)
 
 
 def _decode(
@@ -114,6 +116,7 @@ def _decode(
         if context_RSD is not None:
             context_RSD = torch.cat([context_RSD, null_context.expand(R, -1, -1)])
     state = backend.prepare(cond_R, context_RSD)
+    choose = getattr(backend, "choose_tokens", choose_tokens)  # guidance combine + draw (a backend may graph it)
 
     f_hat = backend.empty_fhat(R)
     x_BlE: Tensor | None = None
@@ -124,9 +127,8 @@ def _decode(
             x_BlE = None if x_BlE is None else x_BlE[:R]
             guided = False
         logits_BlV = backend.step(i, state, x_BlE)
-        if guided:
-            logits_BlV = cfg_combine(logits_BlV[:R], logits_BlV[R:], guidance_weight(sampling, i, sched.n_scales))
-        idx_Rl = sample_tokens(logits_BlV, sampling, i, row_scan, row_sample)
+        weight = guidance_weight(sampling, i, sched.n_scales) if guided else None
+        idx_Rl = choose(logits_BlV, sampling, i, weight, row_scan, row_sample)
         f_hat, x_next = backend.update(i, f_hat, idx_Rl)
         if x_next is not None and guided:
             x_next = torch.cat([x_next, x_next])

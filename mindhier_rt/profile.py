@@ -1,9 +1,9 @@
 """Phase-by-phase profiling of a decode backend through the one decode loop, ``pipeline.reconstruct``.
 
 ``profile_backends`` wraps each backend in a proxy that times ``encode``, ``prepare`` (the context step),
-``step`` and ``update`` (per scale) and ``decode_image``, and forwards everything else untouched; token
-sampling is timed by patching ``mindhier_rt.pipeline.sample_tokens`` for the duration of the runs. Nothing
-in the pipeline or the backends changes, so the loop measured is the loop that decodes. Several backends
+``step``, ``choose_tokens`` (guidance combine + token draw: the "sample" phase) and ``update`` (per scale) and
+``decode_image``, and forwards everything else untouched. Nothing in the pipeline or the backends changes, so
+the loop measured is the loop that decodes. Several backends
 take turns run by run, so that they are compared over the same stretch of machine time. Each phase is
 reported as the median (and min, max) over ``repeats`` runs after ``warmup`` untimed runs, next to the
 cost model's FLOPs and bytes (``mindhier_rt.costs``), the arithmetic intensity and, from the median
@@ -19,13 +19,14 @@ import platform
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
 import mindhier_rt.pipeline as pipeline
+import mindhier_rt.sampling as sampling_mod
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.costs import Cost, decode_costs
 from mindhier_rt.errors import ConfigError, InputError
@@ -84,6 +85,19 @@ class TimedBackend:
         with self._timer(f"step {i}"):
             return self._backend.step(i, state, x_BlE)
 
+    def choose_tokens(
+        self,
+        logits_BlV: Tensor,
+        scfg: SamplingConfig,
+        scale: int,
+        guidance: float | None,
+        scan_ids: Tensor,
+        sample_ids: Tensor,
+    ) -> Tensor:
+        choose = getattr(self._backend, "choose_tokens", sampling_mod.choose_tokens)
+        with self._timer(f"sample {scale}"):
+            return choose(logits_BlV, scfg, scale, guidance, scan_ids, sample_ids)
+
     def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
         with self._timer(f"update {i}"):
             return self._backend.update(i, f_hat_BEhw, idx_Bl)
@@ -93,24 +107,6 @@ class TimedBackend:
             return self._backend.decode_image(f_hat_BEhw)
 
 
-@contextlib.contextmanager
-def timed_sampling(timer: Callable[[str], contextlib.AbstractContextManager[None]]) -> Iterator[None]:
-    """Patch ``mindhier_rt.pipeline.sample_tokens`` with a timed wrapper; restore it on exit."""
-    original: Callable[..., Tensor] = pipeline.sample_tokens
-
-    def timed(*args: Any, **kwargs: Any) -> Tensor:
-        scale = args[2] if len(args) > 2 else kwargs.get("scale", "?")
-        with timer(f"sample {scale}"):
-            return original(*args, **kwargs)
-
-    pipeline.sample_tokens = timed
-    try:
-        yield
-    finally:
-        pipeline.sample_tokens = original
-
-
-# ---- memory ------------------------------------------------------------------------------------
 def _status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status", encoding="ascii") as f:
@@ -280,13 +276,10 @@ def profile_backends(
         raise InputError(f"expected voxels [batch={batch}, voxels], got shape {tuple(voxels.shape)}")
 
     sessions = [_Session(b) for b in backends]
-    router = _TimerRouter()
-    with timed_sampling(router):
-        for r in range(warmup + repeats):
-            k = r % len(sessions)
-            for session in sessions[k:] + sessions[:k]:
-                router.current = session.timer
-                session.run_once(voxels, subject, sampling, samples, keep=r >= warmup)
+    for r in range(warmup + repeats):
+        k = r % len(sessions)
+        for session in sessions[k:] + sessions[:k]:
+            session.run_once(voxels, subject, sampling, samples, keep=r >= warmup)
     results = [_summarise(s, cfg, subject, batch, samples, sampling, repeats, warmup) for s in sessions]
     for session, result in zip(sessions[1:], results[1:], strict=True):
         ratios = [t / t0 for t, t0 in zip(session.e2e, sessions[0].e2e, strict=True)]
@@ -296,17 +289,6 @@ def profile_backends(
 
 def _ratio_stats(ratios: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
-
-
-class _TimerRouter:
-    """A timer that books into the timer of whichever session is running (for the patched sampler)."""
-
-    def __init__(self) -> None:
-        self.current: _Timer | None = None
-
-    def __call__(self, phase: str) -> contextlib.AbstractContextManager[None]:
-        assert self.current is not None
-        return self.current(phase)
 
 
 def _summarise(

@@ -27,6 +27,7 @@ from mindhier_rt.errors import ConfigError
 __all__ = [
     "SamplingConfig",
     "cfg_combine",
+    "choose_tokens",
     "guidance_active",
     "guidance_weight",
     "hash_key",
@@ -125,8 +126,9 @@ def cfg_combine(cond_NlV: torch.Tensor, uncond_NlV: torch.Tensor, t: float) -> t
             f"and {tuple(uncond_NlV.shape)}"
         )
     t = float(t)
-    w_cond = torch.tensor(1.0 + t, dtype=torch.float32, device=cond_NlV.device)
-    w_uncond = torch.tensor(t, dtype=torch.float32, device=cond_NlV.device)
+    # torch.full, not torch.tensor: a fill on the device, no host-to-device copy (so a CUDA graph can hold it)
+    w_cond = torch.full((), 1.0 + t, dtype=torch.float32, device=cond_NlV.device)
+    w_uncond = torch.full((), t, dtype=torch.float32, device=cond_NlV.device)
     return cond_NlV.float() * w_cond - uncond_NlV.float() * w_uncond
 
 
@@ -244,9 +246,11 @@ def stable_top_k(x_NlV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     values at the k-th place it keeps. So: take topk, order the k kept entries stably (by index, then by
     value), and redo with the full stable sort only the rows where the k-th value also occurs outside the
     kept set (a tie across the cut, rare for real logits). The result equals the full sort's exactly.
+    Off the CPU the full sort is taken always: it is fast there, and the repair's check would be a host sync
+    (which a CUDA graph cannot hold).
     """
     V = x_NlV.shape[-1]
-    if 8 * k > V:
+    if 8 * k > V or x_NlV.device.type != "cpu":
         vals_NlV, idx_NlV = torch.sort(x_NlV, dim=-1, descending=True, stable=True)
         return vals_NlV[..., :k], idx_NlV[..., :k]
     vals_Nlk, idx_Nlk = torch.topk(x_NlV, k, dim=-1)
@@ -321,3 +325,23 @@ def sample_tokens(
     pos_Nl = ((cum_Nlk <= target_Nl[..., None]) & kept_Nlk).sum(dim=-1)
     pos_Nl = torch.minimum(pos_Nl, n_kept_Nl - 1)  # float edge: target >= last kept cumulative sum
     return torch.gather(order_Nlk, -1, pos_Nl[..., None]).squeeze(-1)
+
+
+def choose_tokens(
+    logits_BlV: torch.Tensor,
+    scfg: SamplingConfig,
+    scale: int,
+    guidance: float | None,
+    scan_ids: torch.Tensor,
+    sample_ids: torch.Tensor,
+) -> torch.Tensor:
+    """One scale's tokens from the generator's logits: with ``guidance`` (the weight t of ``guidance_weight``)
+    the rows are [conditional; unconditional] halves, combined by ``cfg_combine`` first; then ``sample_tokens``.
+
+    The decode loop calls this (or a backend's own ``choose_tokens`` with the same signature and results, e.g.
+    the fast backend's replay of it as a CUDA graph). Returns int64 [N, l] on the logits' device.
+    """
+    if guidance is not None:
+        half = logits_BlV.shape[0] // 2
+        logits_BlV = cfg_combine(logits_BlV[:half], logits_BlV[half:], guidance)
+    return sample_tokens(logits_BlV, scfg, scale, scan_ids, sample_ids)

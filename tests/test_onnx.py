@@ -199,6 +199,8 @@ def test_bad_bundles_are_refused(exported, tmp_path):
     with pytest.raises(BundleError, match="no manifest"):
         Bundle.open(tmp_path)
     backend = OnnxRuntimeBackend(bundle)
+    assert backend.host_threads == 1  # the CPU provider keeps PyTorch's host work to one thread (module docstring)
+    assert OnnxRuntimeBackend(bundle, host_threads=None).host_threads is None
     with pytest.raises(InputError, match="no encoder for subject 'subj07'"):
         backend.encode(torch.zeros(1, 96), "subj07")
     with pytest.raises(InputError, match="expects 96 voxels"):

@@ -65,3 +65,37 @@ def test_guidance_switch_off_and_greedy(backend, tiny_voxels):
     assert tokens_equal(g1, g2) and torch.equal(g1.tokens[-1][:, 0], g1.tokens[-1][:, 1])
     unguided = reconstruct(backend, tiny_voxels[:2], "subj01", SamplingConfig(cfg_scale=0.0))
     assert [t.shape for t in unguided.tokens] == [t.shape for t in full.tokens]
+
+
+def test_host_threads_limit_applies_during_the_loop_and_is_restored(backend, tiny_voxels):
+    """A backend's ``host_threads`` caps PyTorch's threads while the loop runs and is undone afterwards."""
+    before = torch.get_num_threads()
+    if before < 2:
+        torch.set_num_threads(2)
+    seen: list[int] = []
+    reference = reconstruct(backend, tiny_voxels[:1], "subj01", SamplingConfig())
+    try:
+        backend.host_threads = 1
+        limited = reconstruct(
+            backend,
+            tiny_voxels[:1],
+            "subj01",
+            SamplingConfig(),
+            on_scale=lambda i: seen.append(torch.get_num_threads()),
+        )
+        assert seen == [1] * backend.cfg.schedule.n_scales
+        assert torch.get_num_threads() == max(before, 2)
+        assert tokens_equal(limited, reference)
+        backend.host_threads = None  # None: the loop leaves PyTorch's setting alone
+        seen.clear()
+        reconstruct(
+            backend,
+            tiny_voxels[:1],
+            "subj01",
+            SamplingConfig(),
+            on_scale=lambda i: seen.append(torch.get_num_threads()),
+        )
+        assert set(seen) == {max(before, 2)}
+    finally:
+        del backend.host_threads
+        torch.set_num_threads(before)

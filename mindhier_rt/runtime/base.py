@@ -13,6 +13,8 @@ encoder: the decode loop (``pipeline.generate``) never calls ``encode`` for them
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
@@ -56,3 +58,24 @@ class DecodeBackend(Protocol):
     def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
         """VQ-VAE decoder: images [B, 3, H, W] in [0, 1]."""
         ...
+
+
+@contextlib.contextmanager
+def host_threads(backend: object) -> Iterator[None]:
+    """Run the loop's host work (PyTorch) on the backend's ``host_threads`` threads, where it sets them.
+
+    A backend whose own thread pool runs on the CPU (ONNX Runtime's CPU provider) sets ``host_threads`` so
+    that PyTorch's OpenMP workers, which busy-wait after each parallel region, leave the cores to it.
+    The previous setting is restored on exit. ``torch.set_num_threads`` is process-wide: PyTorch work on
+    other threads of the process runs with the limit too while a decode is in progress.
+    """
+    n = getattr(backend, "host_threads", None)
+    before = torch.get_num_threads()
+    if not n or n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -4,12 +4,18 @@ Inputs and outputs are bound with IOBinding. On CPU the numpy buffers are handed
 and the segment of the context cache a scale reads is a contiguous view (the cache is segment-major).
 The CUDA execution provider is used where onnxruntime-gpu is installed and ``providers`` asks for it.
 
-Thread pools do not spin by default (``spinning=False``): the decode loop alternates ONNX Runtime calls
-with host work in PyTorch (guidance combine, token sampling), and worker threads that busy-wait after a
-run take the cores that work needs (and the next run waits for PyTorch's threads in turn). On a 2-core
-CPU that made the small preset's decode about 2.7x slower (``benchmarks/results/profile_small_cpu.md``).
-With ``spinning=True`` workers spin between the kernels of a run but are told to stop when it ends
-(``session.force_spinning_stop``); on that CPU this measured the same as no spinning, within noise.
+Threads on the CPU. The decode loop alternates ONNX Runtime runs with host work in PyTorch (guidance combine,
+token sampling), and the two thread pools compete for the same cores:
+* ONNX Runtime's workers spin between the kernels of a run (``spinning=True``, the default) and are told to
+  stop when the run ends (``session.force_spinning_stop``), so they never busy-wait through PyTorch's work.
+  Without the stop, spinning made the small preset's decode 2.7x slower on a 2-core CPU.
+* PyTorch's OpenMP workers busy-wait for a while after each parallel region and then sit on the cores the
+  next ONNX Runtime run needs. With the CPU execution provider the backend therefore asks the loop to run
+  its host work on ``host_threads`` PyTorch threads (default 1; ``None`` leaves PyTorch's setting alone):
+  ``runtime.base.host_threads`` applies it around the loop and restores the setting afterwards.
+Together these moved the small preset's onnxruntime decode from 0.74-0.81x to 0.67-0.72x of eager PyTorch at
+batch 4 (paired medians of four A/B runs) and from 0.61x to 0.47x at batch 1, although sampling alone is slower
+on one thread (``benchmarks/ort_threads_ab.py``, ``benchmarks/results/profile_small_cpu.md``).
 """
 
 from __future__ import annotations
@@ -56,7 +62,8 @@ class OnnxRuntimeBackend:
         bundle: Bundle | str | Path,
         providers: list[str] | None = None,
         threads: int | None = None,
-        spinning: bool = False,
+        spinning: bool = True,
+        host_threads: int | None = 1,
     ) -> None:
         ort = _ort()
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
@@ -75,6 +82,8 @@ class OnnxRuntimeBackend:
         for pool in ("intra_op", "inter_op"):
             self.options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
         self.options.add_session_config_entry("session.force_spinning_stop", "1")
+        # PyTorch threads for the loop's host work; only the CPU provider competes with them for cores
+        self.host_threads = host_threads if self.providers == ["CPUExecutionProvider"] else None
         self._sessions: dict[str, object] = {}
         self.dtype = np.dtype(self.bundle.manifest["dtype"])
         tables = self.bundle.manifest["tables"]
