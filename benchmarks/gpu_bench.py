@@ -5,7 +5,10 @@ to check the plumbing (numbers then mean nothing). For each preset (random weigh
 (``pipeline.reconstruct``: encoder + context step + every scale + VQ decode, guidance on at every scale) with
 
 - ``eager``: ``TorchBackend`` with the encoder and generator in ``--dtype`` (the same precision as the fast path),
-- ``fast``: ``FastTorchBackend`` (static buffers, one CUDA graph per scale, Triton attention, ``--dtype``),
+- ``fast``: ``FastTorchBackend`` (static buffers, one CUDA graph per scale, Triton attention, fused norm kernels,
+  ``--dtype``),
+- ``fast_unfused``: the same without the fused norm kernels (``fused=False``), at batch 1 / 1 sample only, to
+  measure what the fusion gives,
 
 taking turns run by run, median of ``--repeats`` after ``--warmup`` runs, at every (batch, samples) pair. Next to
 each number: the compute floor of that decode, the sum over phases of max(FLOPs / measured matmul rate,
@@ -85,6 +88,7 @@ def bench_preset(name: str, args: argparse.Namespace, rates: dict[str, float]) -
     models = MindHier.from_config(preset(name), seed=0).eval()
     print(f"[{name}] random weights in {time.perf_counter() - t0:.1f} s", flush=True)
     eager = TorchBackend(copy.deepcopy(models), device=device, dtype=dtype)
+    unfused = FastTorchBackend(copy.deepcopy(models), device=device, dtype=args.dtype, fused=False)
     fast = FastTorchBackend(models, device=device, dtype=args.dtype)
     del models
     cfg = fast.cfg
@@ -94,8 +98,10 @@ def bench_preset(name: str, args: argparse.Namespace, rates: dict[str, float]) -
     for batch in args.batches:
         for samples in args.samples:
             voxels = torch.randn(batch, cfg.encoder.voxel_count(subject), generator=torch.Generator().manual_seed(0))
-            times: dict[str, list[float]] = {"eager": [], "fast": []}
+            times: dict[str, list[float]] = {"eager": [], "fast": [], "fast_unfused": []}
             backends = [("eager", eager), ("fast", fast)]
+            if (batch, samples) == (1, 1) and fast.fused:
+                backends.append(("fast_unfused", unfused))
             for r in range(args.warmup + args.repeats):
                 for label, backend in backends if r % 2 == 0 else backends[::-1]:
                     _sync(device)
@@ -122,6 +128,7 @@ def bench_preset(name: str, args: argparse.Namespace, rates: dict[str, float]) -
                 "bytes": costs.total.bytes,
                 "eager_runs_ms": [1e3 * t for t in times["eager"]],
                 "fast_runs_ms": [1e3 * t for t in times["fast"]],
+                "fast_unfused_ms": 1e3 * statistics.median(times["fast_unfused"]) if times["fast_unfused"] else None,
                 "image_shape": list(rec.images_NS3HW.shape),
             }
             target = TARGET_MS.get(name) if (batch, samples) == (1, 1) else None
@@ -133,7 +140,7 @@ def bench_preset(name: str, args: argparse.Namespace, rates: dict[str, float]) -
                 f"({eager_ms / fast_ms:.2f}x), floor {1e3 * floor:.1f} ms (fast at {fast_ms / (1e3 * floor):.2f}x)",
                 flush=True,
             )
-    del eager, fast
+    del eager, fast, unfused
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
@@ -180,17 +187,19 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"Command: `{result['command']}`",
         "",
-        "| preset | batch | samples | rows | eager ms | fast ms | speedup | floor ms | fast / floor | target |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| preset | batch | samples | rows | eager ms | fast ms | fast unfused ms | speedup | floor ms | fast / floor "
+        "| target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["end_to_end"]:
+        unfused = "-" if row.get("fast_unfused_ms") is None else f"{row['fast_unfused_ms']:.1f}"
         target = "-"
         if "target_ms" in row:
             target = f"{row['target_ms']:.0f} ms: {'met' if row['fast_ms'] <= row['target_ms'] else 'not met'}"
         lines.append(
             f"| {row['preset']} | {row['batch']} | {row['samples']} | {row['generator_rows']} | {row['eager_ms']:.1f} "
-            f"| {row['fast_ms']:.1f} | {row['speedup']:.2f}x | {row['floor_ms']:.1f} | {row['fast_over_floor']:.2f} "
-            f"| {target} |"
+            f"| {row['fast_ms']:.1f} | {unfused} | {row['speedup']:.2f}x | {row['floor_ms']:.1f} "
+            f"| {row['fast_over_floor']:.2f} | {target} |"
         )
     lines += ["", "Kernels (teacher-forced pyramid, vs SDPA with the dense mask):", "", "```"]
     lines += [json.dumps(k) for k in result["kernels"]]

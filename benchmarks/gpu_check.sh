@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call of under 8 minutes: GPU tests, eager vs fast torch backend end to
-# end on mindhier-512 and mindhier-256 (batch 1 and 4, 1 and 4 samples per scan, guidance on every scale),
+# end on mindhier-512 and mindhier-256 (batch 1 and 4, 1 and 4 samples per scan, guidance on every scale; the
+# fast backend also without its fused norm kernels at batch 1),
 # the Triton kernels vs dense-mask SDPA, the compute floor, and TensorRT where it is installed.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on the GPU machine, from the repository root
 #
 # Results (at most 8 files) go to $OUT: gpu.txt (nvidia-smi), gpu_tests.log, gpu_bench.{json,md,log},
-# tensorrt.log. Copy gpu_bench.md / .json into benchmarks/results/ under the card's name.
-# Time limits per part (seconds) can be lowered for a short lease: TESTS_S, BENCH_S, TRT_S.
+# step0_kernels.txt, tensorrt.log. Copy gpu_bench.md / .json into benchmarks/results/ under the card's name.
+# Time limits per part (seconds) can be lowered for a short lease: TESTS_S, BENCH_S, STEP_S, TRT_S.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -22,12 +23,17 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
   | tee -a "$OUT/gpu.txt"
 
 echo "== GPU tests ($(($(date +%s) - T0)) s)"
-timeout "${TESTS_S:-150}" $PY -m pytest -q -m gpu -p no:cacheprovider -x tests/test_kernels.py tests/test_torch_fast.py \
-  tests/test_tensorrt.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -15
+# no -x: every GPU test reports (the fast backend's graph captures and fused kernels are first run here)
+timeout "${TESTS_S:-150}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_fused_norm.py \
+  tests/test_torch_fast.py tests/test_tensorrt.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -15
 
 echo "== eager vs fast, kernels, floor ($(($(date +%s) - T0)) s)"
 timeout "${BENCH_S:-300}" $PY benchmarks/gpu_bench.py --out "$OUT" --presets mindhier-512,mindhier-256 \
   --repeats "${REPEATS:-3}" --warmup 1 2>&1 | tee "$OUT/gpu_bench.log" | tail -30
+
+echo "== one step's kernels, fused vs unfused ($(($(date +%s) - T0)) s)"
+timeout "${STEP_S:-90}" $PY benchmarks/gpu_step_profile.py --preset mindhier-512 --scale 0 --out "$OUT/step0_kernels.txt" \
+  2>&1 | tail -2
 
 echo "== TensorRT ($(($(date +%s) - T0)) s)"
 if $PY -c "import tensorrt" 2>/dev/null && [ -f benchmarks/tensorrt_bench.py ]; then

@@ -60,6 +60,22 @@ def test_triton_attention_in_the_fast_backend_on_cpu(tiny_voxels):
     )
 
 
+@pytest.mark.parametrize("decoder_dtype, max_abs", [("float16", 3 / 255), ("bfloat16", 0.15)])
+def test_half_precision_image_decoder_stays_close(decoder_dtype, max_abs, tiny_voxels):
+    """Tokens do not depend on the image decoder; its images stay within the documented distance of float32."""
+    models = peaked_models("scale_local")
+    eager = TorchBackend(copy.deepcopy(models))
+    fast = FastTorchBackend(models, device="cpu", decoder_dtype=decoder_dtype)
+    assert fast.decoder_dtype == getattr(torch, decoder_dtype)
+    assert next(models.vqvae.parameters()).dtype == torch.float32  # weights stay float32 (autocast)
+    ref = reconstruct(eager, tiny_voxels[:2], "subj01", SamplingConfig(seed=6))
+    got = reconstruct(fast, tiny_voxels[:2], "subj01", SamplingConfig(seed=6))
+    assert_same_tokens(got, ref)
+    assert got.images_NS3HW.dtype == torch.float32
+    diff = (got.images_NS3HW - ref.images_NS3HW).abs()
+    assert 0 < diff.max() < max_abs
+
+
 def test_cpu_refuses_what_needs_cuda():
     models = peaked_models("scale_local")
     with pytest.raises(ConfigError, match="CUDA only"):
@@ -68,6 +84,8 @@ def test_cpu_refuses_what_needs_cuda():
         FastTorchBackend(models, device="cpu", cuda_graphs=True)
     with pytest.raises(ConfigError, match="dtype"):
         FastTorchBackend(models, device="cpu", dtype="int8")
+    with pytest.raises(ConfigError, match="decoder_dtype"):
+        FastTorchBackend(models, device="cpu", decoder_dtype="int8")
 
 
 @pytest.mark.gpu
@@ -76,7 +94,7 @@ def test_cpu_refuses_what_needs_cuda():
 def test_cuda_graphs_float32_give_the_eager_tokens(mode, tiny_voxels):
     models = peaked_models(mode)
     eager = TorchBackend(copy.deepcopy(models), device="cuda")
-    fast = FastTorchBackend(models, device="cuda", dtype="float32")
+    fast = FastTorchBackend(models, device="cuda", dtype="float32", decoder_dtype="float32")
     assert fast.cuda_graphs
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -85,6 +103,10 @@ def test_cuda_graphs_float32_give_the_eager_tokens(mode, tiny_voxels):
             ref = reconstruct(eager, tiny_voxels[:3], "subj01", sampling, samples=2)
             got = reconstruct(fast, tiny_voxels[:3], "subj01", sampling, samples=2)
             assert_same_tokens(got, ref)
+            assert (got.images_NS3HW - ref.images_NS3HW).abs().max() < 1e-4
+    # every phase ran as a captured graph: none fell back to eager execution
+    for call in (fast._encode, fast._prepare, fast._choose, fast._update, fast._decode):
+        assert call._graphs and all(entry is not None for entry in call._graphs.values()), call.name
 
 
 @pytest.mark.gpu

@@ -16,7 +16,10 @@ scale, a context segment and, in block-causal mode, a self-attention K/V cache).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -26,12 +29,19 @@ from mindhier_rt.models.attention import RangeMask, attention
 from mindhier_rt.schedule import Schedule
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain, computed in float32.
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / sqrt(mean(x^2) + eps) * weight in float32, returned in x's dtype.
 
-    Written as x / sqrt(mean(x^2) + eps) * gain: the exported pattern (Pow, ReduceMean, Add, Sqrt, Div, Mul)
-    is the one ONNX Runtime fuses into a single SimplifiedLayerNormalization kernel.
+    Written this way because the exported pattern (Pow, ReduceMean, Add, Sqrt, Div, Mul) is the one ONNX
+    Runtime fuses into a single SimplifiedLayerNormalization kernel.
     """
+    x32 = x.float()
+    y = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain, computed in float32 (``rms_norm``)."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
@@ -39,9 +49,55 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        y = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+# ---- the block's elementwise chains, optionally fused ------------------------------------------------
+_FUSED_NORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("fused_norms", default=False)
+
+
+@contextlib.contextmanager
+def fused_norms(enabled: bool = True) -> Iterator[None]:
+    """Run the Switti block's norm chains (``norm_modulate``, ``residual_norm``, SwiGLU's gate) as the Triton
+    kernels of ``kernels.fused_norm`` inside this context; outside it they are the PyTorch ops below, which
+    are also those kernels' references and what the exported graphs contain."""
+    token = _FUSED_NORMS.set(enabled)
+    try:
+        yield
+    finally:
+        _FUSED_NORMS.reset(token)
+
+
+def norm_modulate(norm: RMSNorm, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """norm(x), then * (1 + scale) + shift when given (AdaLN)."""
+    if _FUSED_NORMS.get():
+        from mindhier_rt.kernels.fused_norm import rms_norm_modulate
+
+        return rms_norm_modulate(x, norm.weight, norm.eps, scale, shift)
+    y = norm(x)
+    return y if scale is None else y * (1 + scale) + shift
+
+
+def residual_norm(
+    x: Tensor,
+    h: Tensor,
+    norm: RMSNorm,
+    gate: Tensor | None = None,
+    then: RMSNorm | None = None,
+    then_scale: Tensor | None = None,
+    then_shift: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """x + norm(h) [* gate], and the next sub-layer's input ``norm_modulate(then, x', ...)`` when ``then`` is given."""
+    if _FUSED_NORMS.get():
+        from mindhier_rt.kernels.fused_norm import residual_rms_norm
+
+        return residual_rms_norm(
+            x, h, norm.weight, norm.eps, gate, None if then is None else then.weight,
+            None if then is None else then.eps, then_scale, then_shift,
+        )  # fmt: skip
+    y = norm(h)
+    x = x + (y if gate is None else y * gate)
+    return x, (None if then is None else norm_modulate(then, x, then_scale, then_shift))
 
 
 def layer_norm_no_affine(x: Tensor, width: int, eps: float) -> Tensor:
@@ -193,6 +249,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, width, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        if _FUSED_NORMS.get():
+            from mindhier_rt.kernels.fused_norm import silu_mul
+
+            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -245,12 +305,12 @@ class SwittiBlock(nn.Module):
         offset: int = 0,
     ) -> Tensor:
         gamma1, gamma2, scale1, scale2, shift1, shift2 = ada_B6C.split(1, dim=1)  # each [B, 1, C]
-        h = self.self_attention_norm1(x_BlC) * (1 + scale1) + shift1
-        x_BlC = x_BlC + self.self_attention_norm2(self.attn(h, cos_lc, sin_lc, self_mask, cache, offset)) * gamma1
-        h = self.cross_attn(self.cross_attention_norm1(x_BlC), ctx_k_BHSc, ctx_v_BHSc, cross_mask)
-        x_BlC = x_BlC + self.cross_attention_norm2(h)
-        h = self.ffn_norm1(x_BlC) * (1 + scale2) + shift2
-        return x_BlC + self.ffn_norm2(self.ffn(h)) * gamma2
+        h = norm_modulate(self.self_attention_norm1, x_BlC, scale1, shift1)
+        h = self.attn(h, cos_lc, sin_lc, self_mask, cache, offset)
+        x_BlC, h = residual_norm(x_BlC, h, self.self_attention_norm2, gamma1, then=self.cross_attention_norm1)
+        h = self.cross_attn(h, ctx_k_BHSc, ctx_v_BHSc, cross_mask)
+        x_BlC, h = residual_norm(x_BlC, h, self.cross_attention_norm2, None, self.ffn_norm1, scale2, shift2)
+        return residual_norm(x_BlC, self.ffn(h), self.ffn_norm2, gamma2)[0]
 
     def teacher_forward(
         self,

@@ -175,8 +175,8 @@ class HierarchicalEncoder(nn.Module):
         shared = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("subject_in."))
         return shared + sum(p.numel() for p in self.subject_in[subject].parameters())
 
-    def _check_voxels(self, voxels_BV: Tensor, subject: str) -> None:
-        """Raise ConfigError / InputError for an unknown subject or malformed voxels."""
+    def check_voxels(self, voxels_BV: Tensor, subject: str) -> None:
+        """Raise ConfigError / InputError for an unknown subject or malformed voxels (``forward`` calls it)."""
         count = self.voxel_count(subject)
         if voxels_BV.ndim != 2:
             raise InputError(
@@ -186,8 +186,14 @@ class HierarchicalEncoder(nn.Module):
             raise InputError(f"subject {subject} expects {count} voxels per scan, got {voxels_BV.shape[1]}")
         if not voxels_BV.is_floating_point():
             raise InputError(f"voxels must be floating point, got dtype {voxels_BV.dtype}")
-        # Data-dependent check: skipped while tracing / exporting (it would be baked into the graph) and on meta.
-        if voxels_BV.device.type == "meta" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        # Data-dependent check: skipped while tracing / exporting (it would be baked into the graph), on meta and
+        # while a CUDA graph is captured (a host sync; the fast backend checks before it replays).
+        if (
+            voxels_BV.device.type == "meta"
+            or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()
+            or (voxels_BV.is_cuda and torch.cuda.is_current_stream_capturing())
+        ):
             return
         bad_rows = int((~torch.isfinite(voxels_BV)).any(dim=1).sum())
         if bad_rows:
@@ -206,7 +212,7 @@ class HierarchicalEncoder(nn.Module):
 
     def forward(self, voxels_BV: Tensor, subject: str) -> EncoderOutput:
         """Encode one subject's voxels [B, V_s] into levels [B, M, T, D], text [B, Bt, D] and pooled [B, D]."""
-        self._check_voxels(voxels_BV, subject)
+        self.check_voxels(voxels_BV, subject)
         voxels_BV = voxels_BV.to(self.subject_in[subject].weight.dtype)
         tokens_BND = self.encode_voxels(voxels_BV, subject)
         batch = tokens_BND.shape[0]

@@ -86,6 +86,9 @@ class ScaleGenerator(nn.Module):
         if g.crop_cond:
             self.crop_embed = GaussianFourierFeatures(g.crop_freqs)
             self.crop_proj = nn.Linear(CROP_FIELDS * 2 * g.crop_freqs, C)
+            # the full, uncropped image (u, u, 0, 0); not saved in checkpoints
+            u = g.crop_unit
+            self.register_buffer("crop_default_4", torch.tensor([u, u, 0.0, 0.0]), persistent=False)
         if g.block == "var":
             blocks = [VARBlock(C, g.heads, g.ffn_dim, g.norm_eps) for _ in range(g.depth)]
         else:
@@ -140,9 +143,8 @@ class ScaleGenerator(nn.Module):
         g = self.cfg.generator
         if not g.crop_cond:
             return None
-        if crop_B4 is None:
-            u = g.crop_unit
-            crop_B4 = torch.tensor([[u, u, 0.0, 0.0]], device=device, dtype=dtype).expand(batch, -1)
+        if crop_B4 is None:  # a buffer on the module's device: no host copy, so CUDA graphs can hold it
+            crop_B4 = self.crop_default_4.to(device, dtype).expand(batch, -1)
         return self.crop_proj(self.crop_embed(crop_B4.to(dtype)))
 
     def rope(self, i: int) -> tuple[Tensor | None, Tensor | None]:

@@ -4,7 +4,8 @@
 export, and bicubic resizing exports with backend-specific rounding. Both are linear along each axis,
 so here each one becomes a small matrix ``M [n_out, n_in]`` and a 2D resize of ``x [B, E, h, w]`` is
 ``M_h @ x @ M_w^T``. The matrices reproduce PyTorch's results (to float rounding); they are built once
-on the CPU and cached.
+on the CPU and cached, and so are their copies on other devices (a resize on a GPU then copies nothing from
+the host, which is also what lets a CUDA graph replay it).
 
 Axis letters: B batch, E latent channels, h/w input grid sides, H/W output grid sides.
 """
@@ -67,10 +68,23 @@ def resample(x_BEhw: Tensor, mat_Hh: Tensor, mat_Ww: Tensor) -> Tensor:
     assert x_BEhw.shape[-2] == mat_Hh.shape[1] and x_BEhw.shape[-1] == mat_Ww.shape[1], (
         f"resample: input {tuple(x_BEhw.shape[-2:])} vs matrices {tuple(mat_Hh.shape)}, {tuple(mat_Ww.shape)}"
     )
-    mat_Hh = mat_Hh.to(device=x_BEhw.device, dtype=x_BEhw.dtype)
-    mat_Ww = mat_Ww.to(device=x_BEhw.device, dtype=x_BEhw.dtype)
+    mat_Hh = _on_device(mat_Hh, x_BEhw.device).to(dtype=x_BEhw.dtype)
+    mat_Ww = _on_device(mat_Ww, x_BEhw.device).to(dtype=x_BEhw.dtype)
     # two broadcast matmuls rather than an einsum: exports to plain MatMul nodes that every runtime takes
     return mat_Hh @ x_BEhw @ mat_Ww.transpose(0, 1)
+
+
+def _on_device(mat: Tensor, device: torch.device) -> Tensor:
+    """``mat`` on ``device``: CPU matrices as they are, copies on other devices cached per matrix."""
+    if mat.device == device or device.type == "cpu":
+        return mat.to(device)
+    return _device_copy(mat, device)
+
+
+@lru_cache(maxsize=512)
+def _device_copy(mat: Tensor, device: torch.device) -> Tensor:
+    # keyed by the CPU matrix object, which area_matrix / bicubic_matrix cache and share
+    return mat.to(device)
 
 
 def _matrix_dtype(x: Tensor) -> torch.dtype:

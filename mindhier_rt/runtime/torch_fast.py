@@ -10,9 +10,20 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
   The graphs stay valid across scans because the buffers do (a second decode of the same batch size replays).
 - Attention inside the graphs goes through the block-sparse Triton kernel
   (``mindhier_rt.kernels.scale_attention``) when Triton is available, else SDPA.
+- The elementwise chains between a block's matmuls (sandwich RMSNorms, AdaLN modulation, residual adds,
+  SwiGLU's gate) run as five fused Triton kernels per block (``mindhier_rt.kernels.fused_norm``,
+  ``models.blocks.fused_norms``) instead of about 70 small PyTorch kernels: ``fused=True``, the default
+  on CUDA with Triton.
+- The other phases are CUDA graphs too (``GraphedCall``, one per call signature): the encoder, the context
+  step (writing straight into the scan's buffers), each scale's guidance combine + token draw
+  (``choose_tokens``, which the decode loop calls through the backend), each scale's f_hat update and the
+  VQ-VAE decoder. A phase whose capture fails runs eagerly (logged once).
 - Encoder and generator weights in bfloat16 (default on CUDA) or float16; RMSNorm statistics are computed in
-  float32 by the model code, logits are returned in float32, and the VQ-VAE stays in float32 (its residual
-  accumulation of f_hat is where precision matters, and it is a small share of the time).
+  float32 by the model code and logits are returned in float32. The VQ-VAE's weights stay float32: f_hat
+  accumulates in float32 (its residual sum is where precision matters), and the image decoder runs under
+  autocast in ``decoder_dtype``: float16 by default on CUDA (float32 on the CPU). On the tiny and small presets
+  (random weights, CPU autocast) float16 decoding stays within 0.0085 (about 2/255) of float32 in every pixel,
+  bfloat16 within 0.09 (mean 0.004): hence float16, whose 10-bit mantissa suits the decoder's normalised range.
 
 On the CPU the backend falls back cleanly: float32, no CUDA graphs, SDPA, but the same static-buffer code path,
 so its bookkeeping is tested here against the eager backend (identical tokens). The backend casts and moves the
@@ -22,17 +33,20 @@ given models in place: pass a copy to keep an eager float32 reference in the sam
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from mindhier_rt.errors import ConfigError
+from mindhier_rt.errors import ConfigError, InputError
 from mindhier_rt.models.attention import AttentionMode, attention_mode
-from mindhier_rt.models.blocks import SelfKVCache
+from mindhier_rt.models.blocks import SelfKVCache, fused_norms
 from mindhier_rt.models.generator import ScaleGenerator, ScanState
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.runtime.torch_backend import TorchBackend, cast_condition
+from mindhier_rt.sampling import SamplingConfig, choose_tokens
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +55,24 @@ HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": 
 
 def _has_triton() -> bool:
     try:
+        from mindhier_rt.kernels.fused_norm import HAS_TRITON as fused_ok
         from mindhier_rt.kernels.scale_attention import HAS_TRITON
     except ImportError:
         return False
-    return bool(HAS_TRITON)
+    return bool(HAS_TRITON and fused_ok)
 
 
 class StaticScan:
     """All per-scan buffers of one row count, the per-scale step bodies and their CUDA graphs."""
 
-    def __init__(self, gen: ScaleGenerator, rows: int, cuda_graphs: bool, attention: AttentionMode) -> None:
+    def __init__(
+        self, gen: ScaleGenerator, rows: int, cuda_graphs: bool, attention: AttentionMode, fused: bool = False
+    ) -> None:
         p = next(gen.parameters())
         dev, dt = p.device, p.dtype
         g, sched = gen.cfg.generator, gen.schedule
         C, H, c, S = g.width, g.heads, g.head_dim, sched.context_length
-        self.gen, self.rows, self.cuda_graphs, self.attention = gen, rows, cuda_graphs, attention
+        self.gen, self.rows, self.cuda_graphs, self.attention, self.fused = gen, rows, cuda_graphs, attention, fused
         self.start_B1C = torch.zeros(rows, 1, C, device=dev, dtype=dt)
         self.ada_blocks = [torch.zeros(rows, 6, C, device=dev, dtype=dt) for _ in gen.blocks]
         self.ada_head_B2C = torch.zeros(rows, 2, C, device=dev, dtype=dt)
@@ -103,7 +120,7 @@ class StaticScan:
         gen, sched = self.gen, self.gen.schedule
         ctx = sched.context_slice(i)
         cos_lc, sin_lc = gen.rope(i)
-        with attention_mode(self.attention):
+        with attention_mode(self.attention), fused_norms(self.fused):
             return gen.blocks_step(
                 gen.embed_scale(i, self.x_in[i], self.start_B1C),
                 cos_lc,
@@ -140,6 +157,66 @@ class StaticScan:
         return self.logits[i]
 
 
+class GraphedCall:
+    """``fn`` replayed as one CUDA graph per call signature: the tensor arguments' shapes and dtypes and the
+    other arguments' values. The first call of a signature runs ``fn`` twice on a side stream (warm-up: errors
+    such as bad shapes surface here, eagerly), then captures it on static copies of the tensor arguments.
+    Later calls copy the tensor arguments into those and replay; the outputs (a tensor, or tuples of tensors
+    and None) are returned as copies, so what a caller holds survives the next replay.
+
+    ``fn`` must be capturable: no host synchronisation, no host-to-device copies, shapes fixed by the
+    signature. If a capture fails anyway, that signature runs eagerly from then on (logged once). With
+    ``enabled=False`` (the CPU) every call runs ``fn`` directly.
+    """
+
+    def __init__(self, fn: Callable[..., Any], name: str, enabled: bool) -> None:
+        self.fn, self.name, self.enabled = fn, name, enabled
+        self._graphs: dict[tuple, tuple | None] = {}  # None: capture failed, run eagerly
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.enabled:
+            return self.fn(*args)
+        key = tuple((tuple(a.shape), a.dtype, a.device) if isinstance(a, Tensor) else a for a in args)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(args)
+        entry = self._graphs[key]
+        if entry is None:
+            return self.fn(*args)
+        static_args, graph, outputs = entry
+        for dst, src in zip(static_args, args, strict=True):
+            if isinstance(dst, Tensor):
+                dst.copy_(src)
+        graph.replay()
+        return _copied(outputs)
+
+    def _capture(self, args: tuple) -> tuple | None:
+        static_args = tuple(a.clone() if isinstance(a, Tensor) else a for a in args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.fn(*static_args)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                outputs = self.fn(*static_args)
+        except Exception as e:
+            torch.cuda.synchronize()
+            log.warning("%s: CUDA graph capture failed (%s: %s); running it eagerly", self.name, type(e).__name__, e)
+            return None
+        log.debug("captured the CUDA graph of %s for %s", self.name, [getattr(a, "shape", a) for a in args])
+        return static_args, graph, outputs
+
+
+def _copied(out: Any) -> Any:
+    if isinstance(out, Tensor):
+        return out.clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_copied(x) for x in out)
+    return out
+
+
 @dataclass
 class FastState:
     scan: StaticScan
@@ -157,6 +234,8 @@ class FastTorchBackend(TorchBackend):
         dtype: str | None = None,
         cuda_graphs: bool | None = None,
         attention: AttentionMode | None = None,
+        fused: bool | None = None,
+        decoder_dtype: str | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cuda = self.device.type == "cuda"
@@ -173,28 +252,68 @@ class FastTorchBackend(TorchBackend):
         if attention == "triton" and not _has_triton():
             raise ConfigError("attention='triton' needs Triton: pip install triton (CUDA builds of torch bring it)")
         self.attention: AttentionMode = attention
+        if fused is None:
+            fused = cuda and _has_triton()
+        if fused and not _has_triton():
+            raise ConfigError("fused=True needs Triton: pip install triton (CUDA builds of torch bring it)")
+        self.fused = fused
         self.dtype = HALF_DTYPES[dtype]
         if not cuda:
             log.info(
-                "fast backend on %s: float32, static buffers, no CUDA graphs, %s attention", self.device, attention
+                "fast backend on %s: float32, static buffers, no CUDA graphs, %s attention, fused norms %s",
+                self.device,
+                attention,
+                "on" if fused else "off",
             )
+        decoder_dtype = decoder_dtype or ("float16" if cuda else "float32")
+        if decoder_dtype not in HALF_DTYPES:
+            raise ConfigError(f"decoder_dtype must be one of {sorted(HALF_DTYPES)}, got {decoder_dtype!r}")
+        self.decoder_dtype = HALF_DTYPES[decoder_dtype]
         super().__init__(models, self.device, self.dtype)  # moves the models, casts encoder + generator
         models.vqvae.float()
         self._scans: dict[int, StaticScan] = {}
+        graphs = self.cuda_graphs
+        self._encode = GraphedCall(self._encode_eager, "encode", graphs)
+        self._prepare = GraphedCall(self._prepare_eager, "context step", graphs)
+        self._choose = GraphedCall(choose_tokens, "token choice", graphs)
+        self._update = GraphedCall(self.models.vqvae.update_fhat, "f_hat update", graphs)
+        self._decode = GraphedCall(self._decode_eager, "VQ decoder", graphs)
 
     def _scan(self, rows: int) -> StaticScan:
         if rows not in self._scans:
-            self._scans[rows] = StaticScan(self.models.generator, rows, self.cuda_graphs, self.attention)
+            self._scans[rows] = StaticScan(self.models.generator, rows, self.cuda_graphs, self.attention, self.fused)
         return self._scans[rows]
 
+    # ---- eager bodies of the graphed phases -----------------------------------------------------------
+    def _encode_eager(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
+        out = self.models.encoder(voxels_BV, subject)
+        return out.pooled_BD, out.context_BSD()
+
+    def _prepare_eager(self, cond: Tensor, context_BSD: Tensor | None, rows: int) -> None:
+        self._scan(rows).load(self.models.generator.prepare(cond, context_BSD, self_cache=False))
+
+    def _decode_eager(self, f_hat_BEhw: Tensor) -> Tensor:
+        if self.decoder_dtype == torch.float32:
+            return self.models.vqvae.fhat_to_img(f_hat_BEhw)
+        # autocast's weight cache off: required under CUDA graph capture
+        with torch.autocast(self.device.type, dtype=self.decoder_dtype, cache_enabled=False):
+            return self.models.vqvae.fhat_to_img(f_hat_BEhw).float()
+
     # ---- the decode contract ---------------------------------------------------------------------
-    # encode, empty_fhat, update and decode_image are the eager backend's.
+    # empty_fhat is the eager backend's.
+    @torch.inference_mode()
+    def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
+        if self.models.encoder is None:
+            raise InputError(f"model {self.cfg.name} has no fMRI encoder: it cannot decode voxels")
+        voxels_BV = voxels_BV.to(self.device, self.dtype)
+        self.models.encoder.check_voxels(voxels_BV, subject)  # eagerly: a replayed graph checks nothing
+        return self._encode(voxels_BV, subject)
+
     @torch.inference_mode()
     def prepare(self, pooled_BD: Tensor, context_BSD: Tensor | None) -> FastState:
-        gen = self.models.generator
-        state = gen.prepare(*cast_condition(pooled_BD, context_BSD, self.device, self.dtype), self_cache=False)
-        scan = self._scan(pooled_BD.shape[0])
-        scan.load(state)
+        cond, context_BSD = cast_condition(pooled_BD, context_BSD, self.device, self.dtype)
+        scan = self._scan(cond.shape[0])  # allocated before any capture
+        self._prepare(cond, context_BSD, scan.rows)
         return FastState(scan)
 
     @torch.inference_mode()
@@ -208,3 +327,24 @@ class FastTorchBackend(TorchBackend):
     def step(self, i: int, state: FastState, x_BlE: Tensor | None) -> Tensor:
         # a copy: the graph's output buffer is overwritten by the next replay
         return state.scan.run(i, x_BlE).float().clone()
+
+    @torch.inference_mode()
+    def choose_tokens(
+        self,
+        logits_BlV: Tensor,
+        scfg: SamplingConfig,
+        scale: int,
+        guidance: float | None,
+        scan_ids: Tensor,
+        sample_ids: Tensor,
+    ) -> Tensor:
+        """``sampling.choose_tokens`` (guidance combine + draw), replayed as a CUDA graph per scale."""
+        return self._choose(logits_BlV, scfg, scale, guidance, scan_ids, sample_ids)
+
+    @torch.inference_mode()
+    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self._update(i, f_hat_BEhw, idx_Bl)
+
+    @torch.inference_mode()
+    def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
+        return self._decode(f_hat_BEhw)
