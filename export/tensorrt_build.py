@@ -89,6 +89,7 @@ from typing import Any, Literal, Protocol
 
 from mindhier_rt.bundle import Bundle, write_manifest
 from mindhier_rt.errors import BackendError, ConfigError, MissingDependencyError
+from mindhier_rt.export.attention_plugin import PLUGIN_SUFFIX, derive_plugin_graph, register_plugin
 from mindhier_rt.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -626,6 +627,7 @@ class BuildOptions:
     self_cache: Literal["auto", "in_place", "ping_pong"] = "auto"
     scans: int | None = None  # None: the manifest's batch
     samples: int | None = None
+    attention_plugin: bool = False  # the step's attention as the Triton plugin (export/attention_plugin.py)
 
 
 def precision_of_dtype(dtype: str) -> str:
@@ -812,6 +814,9 @@ class TensorRTPlanBuilder:
         if typing == "strong" and strongly_typed is not None:
             flags |= 1 << int(strongly_typed)  # TensorRT 10; on 11 every network is strongly typed
         network = self.builder.create_network(flags)
+        if options.attention_plugin and onnx_path.name.endswith(f"{PLUGIN_SUFFIX}.onnx"):
+            major, minor = (int(x) for x in self.env.compute_capability.split("."))
+            register_plugin((major, minor))  # before parsing: the parser looks the plugin up by name
         parser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
@@ -889,6 +894,7 @@ def build_plans(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     report = BuildReport(bundle, self_cache=self_cache)
+    plugin_files: list[str] = []
     t_all = time.perf_counter()
     done = False
     try:
@@ -897,15 +903,20 @@ def build_plans(
                 on_graph(graph, k, len(plan.graphs))
             profiles = plan_profiles(manifest, graph, rows)
             log.info("building %s (%d profile(s), %s, %s typing)", graph, len(profiles), precision, typing)
+            onnx_file = graphs[graph]["file"]
+            if options.attention_plugin and graph == step_graph:
+                onnx_file = derive_plugin_graph(bundle, graph, bundle.cfg.generator.head_dim).name
+                plugin_files.append(onnx_file)
             t0 = time.perf_counter()
-            blob = builder.build(graph, bundle.path(graphs[graph]["file"]), profiles, typing, precision, options)
+            blob = builder.build(graph, bundle.path(onnx_file), profiles, typing, precision, options)
             seconds = time.perf_counter() - t0
             file = f"{graph}{PLAN_SUFFIX}"
             atomic_write_bytes(staging / file, blob)
             report.plans[graph] = {
                 "file": file,
                 "profiles": profiles,
-                "onnx": graphs[graph]["file"],
+                "onnx": onnx_file,
+                "attention": "plugin" if onnx_file in plugin_files else "onnx",
                 "precision": precision,
                 "typing": typing,
                 "tensorrt_version": env.tensorrt_version,
@@ -928,6 +939,9 @@ def build_plans(
         shutil.rmtree(staging, ignore_errors=True)
         if not done and self_cache == "in_place" and not had_kv_graph:
             kv_file.unlink(missing_ok=True)  # a failed build leaves the bundle as it was
+        for stale in bundle.root.glob(f"*{PLUGIN_SUFFIX}.onnx"):
+            if not done or stale.name not in plugin_files:
+                stale.unlink()
     report.seconds = time.perf_counter() - t_all
     manifest["plans"] = report.plans
     manifest["tensorrt"] = {**plan.to_dict(), "version_compatible": options.version_compatible}

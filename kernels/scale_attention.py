@@ -83,6 +83,58 @@ _LOG2E = 1.4426950408889634
 if HAS_TRITON:
 
     @triton.jit
+    def _attend_key_range(
+        q_md,
+        k_base,
+        v_base,
+        k_start,
+        k_end,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        qk_scale_log2,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """softmax(scale * q k^T) v of a query tile over keys k_start..k_end (online softmax, float32)."""
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the log2-scaled scores
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running softmax denominator
+        acc_md = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # Only the key tiles of this range are visited. The range is non-empty (host check), so the first
+        # step makes every row's max finite, masked query rows included (their q is 0, their scores 0).
+        for n0 in range(k_start, k_end, BLOCK_N):
+            n_idx = n0 + offs_n
+            n_valid = n_idx < k_end
+            k_dn = tl.load(
+                k_base + n_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                mask=n_valid[None, :] & d_valid[:, None],
+                other=0.0,
+            )
+            s_mn = tl.dot(q_md, k_dn, input_precision=DOT_PRECISION) * qk_scale_log2
+            s_mn = tl.where(n_valid[None, :], s_mn, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s_mn, 1))
+            p_mn = tl.math.exp2(s_mn - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p_mn, 1)
+            v_nd = tl.load(
+                v_base + n_idx[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=n_valid[:, None] & d_valid[None, :],
+                other=0.0,
+            )
+            acc_md = acc_md * alpha[:, None] + tl.dot(p_mn.to(v_nd.dtype), v_nd, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        return acc_md / l_i[:, None]
+
+    @triton.jit
     def _scale_attn_fwd_kernel(
         Q,
         K,
@@ -130,7 +182,6 @@ if HAS_TRITON:
         k_end = tl.load(TILES + tile * 4 + 3)
 
         offs_m = q_start + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         m_valid = offs_m < q_end
         d_valid = offs_d < HEAD_DIM
@@ -140,36 +191,50 @@ if HAS_TRITON:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of the log2-scaled scores
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running softmax denominator
-        acc_md = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-        # Only the key tiles of this range are visited. The range is non-empty (host check), so the first
-        # step makes every row's max finite, masked query rows included (their q is 0, their scores 0).
-        for n0 in range(k_start, k_end, BLOCK_N):
-            n_idx = n0 + offs_n
-            n_valid = n_idx < k_end
-            k_dn = tl.load(
-                k_base + n_idx[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                mask=n_valid[None, :] & d_valid[:, None],
-                other=0.0,
-            )
-            s_mn = tl.dot(q_md, k_dn, input_precision=DOT_PRECISION) * qk_scale_log2
-            s_mn = tl.where(n_valid[None, :], s_mn, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_mn, 1))
-            p_mn = tl.math.exp2(s_mn - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p_mn, 1)
-            v_nd = tl.load(
-                v_base + n_idx[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=n_valid[:, None] & d_valid[None, :],
-                other=0.0,
-            )
-            acc_md = acc_md * alpha[:, None] + tl.dot(p_mn.to(v_nd.dtype), v_nd, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-        out_md = acc_md / l_i[:, None]
+        out_md = _attend_key_range(
+            q_md, k_base, v_base, k_start, k_end, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale_log2,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
         o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        tl.store(o_ptrs, out_md.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+
+    @triton.jit
+    def _single_range_attn_fwd_kernel(
+        Q,
+        K,
+        V,
+        n_heads,
+        len_q,
+        len_k,
+        O,
+        QK_SCALE_LOG2: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        """Every query of contiguous q [B, H, len_q, c] over all keys of k, v [B, H, len_k, c]: one range.
+
+        The attention of one decode step (a scale's queries over its own scale, its context segment or the
+        cache up to it) is always a single range. The argument order (inputs, integer scalars, outputs) and
+        the constexpr scale are the calling convention of TensorRT's ahead-of-time plugins
+        (``export/attention_plugin.py``); strides follow from the contiguous layout.
+        """
+        tile = tl.program_id(0)
+        bh = tl.program_id(1).to(tl.int64)
+        offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_valid = offs_m < len_q
+        d_valid = offs_d < HEAD_DIM
+        q_ptrs = Q + bh * len_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+        q_md = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
+        kv_offset = bh * len_k * HEAD_DIM
+        out_md = _attend_key_range(
+            q_md, K + kv_offset, V + kv_offset, 0, len_k, HEAD_DIM, 1, HEAD_DIM, 1, QK_SCALE_LOG2,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION,
+        )  # fmt: skip
+        o_ptrs = O + bh * len_q * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(o_ptrs, out_md.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
 
     # Triton decides interpreted vs compiled when a kernel is decorated: remember which one we got.
@@ -404,6 +469,99 @@ def _launch(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
+    )
+
+
+# ---- the single-range kernel: what a decode step needs, with TensorRT's plugin calling convention -------------
+def single_range_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(scale * q k^T) v for contiguous q [B, H, Lq, c] and k, v [B, H, Lk, c], every query over every
+    key: the kernel the TensorRT attention plugin runs (``export/attention_plugin.py``), launched here the same
+    way (grid = (ceil(Lq / BLOCK_M), B * H)). Equals ``scale_masked_attention(q, k, v, [(0, Lq, 0, Lk)])``."""
+    _check_tensors(q, k, v, None)
+    if k.shape[2] == 0:
+        raise ConfigError("attention needs at least one key")
+    _check_backend(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, Lq, c = q.shape
+    cfg = launch_config(c)
+    out = torch.empty_like(q)
+    if B * H * Lq == 0:
+        return out
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)
+    on_device = torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        _single_range_attn_fwd_kernel[grid](
+            q, k, v, H, Lq, k.shape[2], out,
+            **single_range_constants(q.dtype, c, c**-0.5 if scale is None else float(scale)),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        )  # fmt: skip
+    return out
+
+
+def single_range_constants(dtype: torch.dtype, head_dim: int, scale: float) -> dict[str, Any]:
+    """The constexpr arguments of the single-range kernel for a dtype, head dim and softmax scale."""
+    cfg = launch_config(head_dim)
+    return {
+        "QK_SCALE_LOG2": float(scale) * _LOG2E,
+        "HEAD_DIM": head_dim,
+        "BLOCK_M": cfg.block_m,
+        "BLOCK_N": cfg.block_n,
+        "BLOCK_D": cfg.block_d,
+        "DOT_PRECISION": "ieee" if dtype == torch.float32 else None,
+    }
+
+
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass(frozen=True)
+class CompiledKernel:
+    """An ahead-of-time compiled single-range kernel: what a TensorRT plan embeds."""
+
+    name: str  # the kernel's symbol in the PTX
+    ptx: str
+    num_warps: int  # block = num_warps * 32 threads
+    shared_bytes: int  # dynamic shared memory per block
+    block_m: int  # queries per program: grid x = ceil(Lq / block_m), grid y = B * H
+    scratch_bytes: int  # global scratch memory Triton asks the launcher for (0: none)
+
+
+def compile_single_range(
+    dtype: torch.dtype, head_dim: int, scale: float, capability: tuple[int, int], ptx_version: int | None = None
+) -> CompiledKernel:
+    """Compile the single-range kernel to PTX for a GPU of compute ``capability`` without needing that GPU.
+
+    A process that imported Triton in interpreter mode cannot compile; run this where ``TRITON_INTERPRET`` is
+    unset (the TensorRT build does). Raises BackendError without Triton.
+    """
+    if not HAS_TRITON:
+        raise BackendError(f"compiling the attention kernel needs Triton (pip install triton): {_TRITON_MISSING}")
+    if dtype not in TRITON_DTYPES:
+        raise ConfigError(f"the attention kernel takes {sorted(map(str, TRITON_DTYPES))}, got {dtype}")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _single_range_attn_fwd_kernel
+    consts = single_range_constants(dtype, head_dim, scale)
+    ptr = "*" + TRITON_DTYPES[dtype]
+    signature = {
+        name: ptr if name in ("Q", "K", "V", "O") else "constexpr" if name in consts else "i32" for name in fn.arg_names
+    }
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in consts.items()})
+    cfg = launch_config(head_dim)
+    major, minor = capability
+    options: dict[str, Any] = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if ptx_version is not None:
+        options["ptx_version"] = ptx_version
+    compiled = triton.compile(src, target=GPUTarget("cuda", 10 * major + minor, 32), options=options)
+    return CompiledKernel(
+        name=compiled.metadata.name,
+        ptx=compiled.asm["ptx"],
+        num_warps=compiled.metadata.num_warps,
+        shared_bytes=compiled.metadata.shared,
+        block_m=cfg.block_m,
+        scratch_bytes=int(getattr(compiled.metadata, "global_scratch_size", 0) or 0),
     )
 
 

@@ -142,6 +142,9 @@ def build(
     ] = "auto",
     batch: Annotated[int | None, typer.Option(min=1, help="scans per run (default: the export's)")] = None,
     samples: Annotated[int | None, typer.Option(min=1, help="samples per scan (default: the export's)")] = None,
+    attention_plugin: Annotated[
+        bool, typer.Option(help="the step's attention as the Triton kernel in a TensorRT AOT plugin (TensorRT >= 10.8)")
+    ] = False,
 ) -> None:
     """Build TensorRT plans next to the bundle's ONNX graphs and record them in its manifest."""
     from rich.progress import Progress
@@ -153,6 +156,7 @@ def build(
     options = BuildOptions(
         precision=precision, workspace_gib=workspace_gib, timing_cache=timing_cache,
         version_compatible=version_compatible, self_cache=kv_cache.replace("-", "_"), scans=batch, samples=samples,
+        attention_plugin=attention_plugin,
     )  # fmt: skip
     builder = TensorRTPlanBuilder(timing_cache)  # fails first, in one line, without TensorRT or a GPU
     with Progress(transient=True) as progress:

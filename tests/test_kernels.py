@@ -351,6 +351,52 @@ def test_kernel_compiles_for_hopper_without_a_gpu(tmp_path):
     assert any(line.startswith("bf16 64 wgmma") for line in lines), run.stdout
 
 
+@pytest.mark.parametrize("lq, lk, head_dim", [(1, 1, 32), (9, 17, 64), (70, 5, 48), (16, 130, 64)])
+def test_single_range_kernel_matches_reference(lq, lk, head_dim):
+    """The plugin's kernel: every query over every key, contiguous inputs, the same numbers as the reference."""
+    gen = torch.Generator().manual_seed(lq * 1000 + lk)
+    q = randn(2, 3, lq, head_dim, gen=gen)
+    k = randn(2, 3, lk, head_dim, gen=gen)
+    v = randn(2, 3, lk, head_dim, gen=gen)
+    got = sa.single_range_attention(q, k, v, scale=0.3)
+    ref = sa.scale_masked_attention_ref(q, k, v, [(0, lq, 0, lk)], scale=0.3)
+    assert rel_err(got, ref) < CPU_RTOL
+    with pytest.raises(ConfigError, match="at least one key"):
+        sa.single_range_attention(q, k[:, :, :0], v[:, :, :0])
+
+
+PLUGIN_AOT_SCRIPT = r"""
+import re, sys, torch
+try:
+    from triton.backends.compiler import GPUTarget  # noqa: F401
+except Exception as e:
+    print(f"no Triton AOT compiler here: {e}"); sys.exit(3)
+from mindhier_rt.kernels import scale_attention as sa
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    k = sa.compile_single_range(dtype, 64, 0.125, (9, 0))
+    params = re.search(r"\.entry\s+" + k.name + r"\s*\((.*?)\)", k.ptx, re.S).group(1).split(",")
+    kinds = ["u32" if ".u32" in p else "ptr" if ".ptr" in p else "?" for p in params]
+    print(dtype, k.name, k.num_warps, k.block_m, k.scratch_bytes, " ".join(kinds), ".target sm_90" in k.ptx)
+"""
+
+
+def test_single_range_kernel_compiles_to_ptx_for_the_plugin(tmp_path):
+    """What the TensorRT plugin embeds: PTX for sm_90 whose parameters are (q, k, v pointers, heads, Lq, Lk, out
+    pointer) and Triton's two trailing scratch pointers, with no scratch memory asked for."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
+    cmd = [sys.executable, "-c", PLUGIN_AOT_SCRIPT]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode == 3:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().split("\n")
+    assert len(lines) == 3, run.stdout
+    for line in lines:
+        fields = line.split()
+        assert fields[1] == "_single_range_attn_fwd_kernel" and fields[2:5] == ["4", "64", "0"], line
+        assert fields[5:12] == ["ptr", "ptr", "ptr", "u32", "u32", "u32", "ptr"] and fields[-1] == "True", line
+
+
 # ---- GPU ------------------------------------------------------------------------------------------------
 @gpu
 @needs_cuda

@@ -15,6 +15,7 @@ import enum
 import json
 import math
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -24,11 +25,13 @@ pytest.importorskip("onnxruntime")
 
 from mindhier_rt.bundle import Bundle
 from mindhier_rt.errors import BackendError, ConfigError, MissingDependencyError
+from mindhier_rt.export import attention_plugin
 from mindhier_rt.export.tensorrt_build import (
     ALIGNMENT,
     HAS_TENSORRT,
     ITEMSIZE,
     KV_GRAPH,
+    STEP_GRAPH,
     BuildEnvironment,
     BuildOptions,
     PlanMismatchError,
@@ -39,9 +42,11 @@ from mindhier_rt.export.tensorrt_build import (
     choose_self_cache,
     choose_typing,
     derive_kv_step_graph,
+    graph_symbols,
     plan_profiles,
     resolve_dim,
     row_counts,
+    tensor_shape,
     version_tuple,
 )
 from mindhier_rt.pipeline import reconstruct
@@ -678,3 +683,90 @@ def test_tensorrt_plans_decode_like_onnxruntime(bundle_copy, tmp_path, mode, mem
             xs[j] = None if x is None else torch.cat([x, x])
     rec = reconstruct(backend, voxels, "subj01", sampling, samples=2)
     assert rec.images_NS3HW.shape[:2] == (2, 2) and torch.isfinite(rec.images_NS3HW).all()
+
+
+# ---- the attention plugin (build --attention-plugin) ---------------------------------------------------
+def _reference_evaluator_with_plugin():
+    """onnx's reference evaluator with a NumPy implementation of the plugin node (the kernel's semantics)."""
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    class SingleRangeAttention(OpRun):
+        op_domain = attention_plugin.PLUGIN_NAMESPACE
+
+        def _run(self, q, k, v, scale=None, head_dim=None, plugin_namespace=None, plugin_version=None):
+            s = (q.astype(np.float64) @ np.swapaxes(k, -1, -2).astype(np.float64)) * scale
+            p = np.exp(s - s.max(-1, keepdims=True))
+            return (((p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)).astype(q.dtype),)
+
+    SingleRangeAttention.__name__ = attention_plugin.PLUGIN_NAME
+    return lambda path: ReferenceEvaluator(str(path), new_ops=[SingleRangeAttention])
+
+
+@pytest.mark.parametrize("mode, kv", [("scale_local", None), ("block_causal", None), ("block_causal", "in_place")])
+def test_attention_plugin_graph_computes_the_step(mode, kv, bundle_copy):
+    """The rewritten step graph, with the plugin evaluated by its NumPy semantics, gives the exported step's
+    logits (and caches); unmasked attentions become plugin nodes, the masked in-place self-attention stays."""
+    import onnx
+    import onnxruntime as ort
+
+    bundle = bundle_copy(mode)
+    graph = STEP_GRAPH
+    if kv == "in_place":
+        bundle.manifest["graphs"][KV_GRAPH] = derive_kv_step_graph(bundle)
+        graph = KV_GRAPH
+    depth = bundle.cfg.generator.depth
+    path = attention_plugin.derive_plugin_graph(bundle, graph, bundle.cfg.generator.head_dim)
+    assert path.name == f"{graph}_attention_plugin.onnx"
+    ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+    assert ops[attention_plugin.PLUGIN_NAME] == (depth if kv == "in_place" else 2 * depth)
+    assert ops["Softmax"] == (depth if kv == "in_place" else 0)
+
+    manifest, rng = bundle.manifest, np.random.default_rng(0)
+    scale = 2  # a scale with a past in block-causal mode
+    spec = manifest["graphs"][graph]
+    symbols = graph_symbols(manifest, graph, scale, row_counts(manifest))
+    feeds = {}
+    for s in spec["inputs"]:
+        shape = tensor_shape(s, symbols)
+        if s["name"] == "write_indices":
+            feeds[s["name"]] = np.full(shape, symbols.get("past", 5), np.int64)
+        else:
+            feeds[s["name"]] = rng.standard_normal(shape).astype(np.float32)
+    want = ort.InferenceSession(str(bundle.path(spec["file"])), providers=["CPUExecutionProvider"]).run(None, feeds)
+    got = _reference_evaluator_with_plugin()(path).run(None, feeds)
+    for w, g in zip(want, got, strict=True):
+        assert np.abs(w - g).max() <= 1e-4 * np.abs(w).max()
+    path.unlink()
+    bundle.path(f"{KV_GRAPH}.onnx").unlink(missing_ok=True)
+
+
+def test_build_with_the_attention_plugin(bundle_copy, tmp_path):
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("scale_local").root, root)
+    build_plans(root, BuildOptions(attention_plugin=True), builder=FakePlanBuilder())
+    manifest = Bundle.open(root).manifest
+    step = manifest["plans"][STEP_GRAPH]
+    assert step["onnx"] == "generator_step_attention_plugin.onnx" and step["attention"] == "plugin"
+    assert step["onnx"] in manifest["files"]
+    assert all(p["attention"] == "onnx" for g, p in manifest["plans"].items() if g != STEP_GRAPH)
+    assert manifest["graphs"][STEP_GRAPH]["file"] == "generator_step.onnx"  # onnxruntime still runs the plain graph
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder())  # without the option the derived graph goes
+    assert not (root / "generator_step_attention_plugin.onnx").exists()
+    assert Bundle.open(root).manifest["plans"][STEP_GRAPH]["attention"] == "onnx"
+
+
+def test_attention_plugin_needs_tensorrt_plugin_api(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorrt(name, *args, **kwargs):
+        if name.startswith("tensorrt"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(attention_plugin, "_REGISTERED", False)
+    monkeypatch.setattr(builtins, "__import__", no_tensorrt)
+    with pytest.raises(BackendError, match=r"--attention-plugin needs TensorRT >= 10.8"):
+        attention_plugin.register_plugin((9, 0))
