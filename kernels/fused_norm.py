@@ -12,6 +12,8 @@ chains plus SwiGLU's gate, five kernels here:
                       next_w, next_eps,             and, from the same row of x',
                       next_scale, next_shift)       RMSNorm(x') * next_w [* (1 + next_scale) + next_shift]
     silu_mul(a, b)                                  silu(a) * b                             (SwiGLU)
+    qk_norm_rope(qkv, cos, sin, heads, eps,         q, k, v heads of self-attention: LayerNorm of q and k,
+                 cache, offset)                     the rotation, k and v written into the cache at offset
 
 ``scale``, ``shift`` and ``gate`` are per batch row, [B, 1, C] (AdaLN vectors); x and h are [B, l, C]. The
 ``*_ref`` functions compute the same results with the model's own PyTorch code (``models.blocks.rms_norm``),
@@ -34,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mindhier_rt.errors import BackendError, ConfigError
+from mindhier_rt.errors import ConfigError
+from mindhier_rt.kernels import require_runnable
 
 try:
     import triton
@@ -113,6 +116,57 @@ if HAS_TRITON:
         out = a / (1.0 + tl.exp(-a)) * b
         tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=valid)
 
+    @triton.jit
+    def _qk_norm_rope_kernel(
+        QKV,  # [R, 3C] rows of the fused projection: q | k | v, each C = H * c wide
+        COS,  # [tokens, c] rotary tables of this scale's tokens (contiguous)
+        SIN,
+        Q_OUT,  # [B, H, tokens, c]
+        K_OUT,  # [B, H, >= offset + tokens, c]: a fresh tensor or the self-attention cache
+        V_OUT,
+        tokens,
+        offset,  # position of this scale's first token in K_OUT / V_OUT
+        stride_row,
+        stride_qb,
+        stride_qh,
+        stride_qt,
+        stride_kb,
+        stride_kh,
+        stride_kt,
+        stride_vb,
+        stride_vh,
+        stride_vt,
+        eps,
+        WIDTH: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        row = tl.program_id(0)
+        b = (row // tokens).to(tl.int64)
+        t = row % tokens
+        cols = tl.arange(0, BLOCK_C)
+        valid = cols < WIDTH
+        h = (cols // HEAD_DIM).to(tl.int64)
+        d = cols % HEAD_DIM
+        swapped = cols ^ 1  # the other element of each rotary pair
+        base = QKV + row.to(tl.int64) * stride_row
+        cos = tl.load(COS + t * HEAD_DIM + d, mask=valid, other=0.0).to(tl.float32)
+        sin = tl.load(SIN + t * HEAD_DIM + d, mask=valid, other=0.0).to(tl.float32)
+        for part in tl.static_range(2):  # q, then k: LayerNorm over the full width, then the rotation
+            x = tl.load(base + part * WIDTH + cols, mask=valid, other=0.0).to(tl.float32)
+            x_sw = tl.load(base + part * WIDTH + swapped, mask=valid, other=0.0).to(tl.float32)
+            mean = tl.sum(x, axis=0) / WIDTH
+            diff = tl.where(valid, x - mean, 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / WIDTH + eps)
+            y = (x - mean) * rstd * cos + (x_sw - mean) * rstd * sin
+            if part == 0:
+                ptr = Q_OUT + b * stride_qb + h * stride_qh + t * stride_qt + d
+            else:
+                ptr = K_OUT + b * stride_kb + h * stride_kh + (offset + t) * stride_kt + d
+            tl.store(ptr, y.to(ptr.dtype.element_ty), mask=valid)
+        v = tl.load(base + 2 * WIDTH + cols, mask=valid, other=0.0)
+        tl.store(V_OUT + b * stride_vb + h * stride_vh + (offset + t) * stride_vt + d, v, mask=valid)
+
     _INTERPRETED = bool(triton.knobs.runtime.interpret)
 else:
     _INTERPRETED = False
@@ -148,6 +202,36 @@ def residual_rms_norm_ref(
     return x_BlC, rms_norm_modulate_ref(x_BlC, next_weight_C, next_eps, next_scale_B1C, next_shift_B1C)
 
 
+def qk_norm_rope_ref(
+    qkv_Bl3C: Tensor,
+    cos_lc: Tensor,
+    sin_lc: Tensor,
+    heads: int,
+    eps: float,
+    cache: tuple[Tensor, Tensor] | None = None,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Self-attention's q, k, v [B, H, ., c] from the fused projection viewed [B, l, 3, C]: non-affine LayerNorm
+    of q and k over the full width, the rotation of ``models.blocks.apply_rope``, heads split. With ``cache``
+    (the K and V buffers [B, H, L, c] of a ``SelfKVCache``) k and v are written at ``offset`` and the returned
+    k, v are the buffers up to and including this scale."""
+    from mindhier_rt.models.blocks import apply_rope, layer_norm_no_affine
+
+    B, l, _, C = qkv_Bl3C.shape
+    c = C // heads
+    qk_Bl2C = layer_norm_no_affine(qkv_Bl3C[:, :, :2], C, eps)
+    qk_Bl2Hc = apply_rope(qk_Bl2C.view(B, l, 2, heads, c), cos_lc[:, None, None], sin_lc[:, None, None])
+    q, k = qk_Bl2Hc.permute(2, 0, 3, 1, 4).unbind(0)
+    v = qkv_Bl3C[:, :, 2].view(B, l, heads, c).transpose(1, 2)
+    if cache is None:
+        return q, k, v
+    k_all, v_all = cache
+    end = offset + l
+    k_all[:, :, offset:end] = k
+    v_all[:, :, offset:end] = v
+    return q, k_all[:, :, :end], v_all[:, :, :end]
+
+
 def silu_mul_ref(a: Tensor, b: Tensor) -> Tensor:
     return F.silu(a) * b
 
@@ -156,17 +240,7 @@ def silu_mul_ref(a: Tensor, b: Tensor) -> Tensor:
 def _check_backend(t: Tensor, rows: bool = True) -> None:
     if rows and t.dim() != 3:
         raise ConfigError(f"the norm kernels take [B, l, C] tensors, got shape {tuple(t.shape)}")
-    if not HAS_TRITON:
-        raise BackendError(f"the fused-norm kernels need Triton (pip install triton): {_TRITON_MISSING}")
-    if t.is_cuda:
-        return
-    if t.device.type != "cpu" or not _INTERPRETED:
-        raise BackendError(
-            f"Triton needs a CUDA GPU or TRITON_INTERPRET=1 (set before importing {__name__}); "
-            f"got tensors on {t.device} with the interpreter {'on' if _INTERPRETED else 'off'}"
-        )
-    if t.dtype != torch.float32:
-        raise BackendError(f"Triton's CPU interpreter runs float32 only, got {t.dtype}")
+    require_runnable(t, HAS_TRITON, _INTERPRETED, _TRITON_MISSING, __name__)
 
 
 def _rows(t: Tensor, name: str, width: int) -> Tensor:
@@ -288,6 +362,52 @@ def residual_rms_norm(
         l,
     )
     return out_x, out_n
+
+
+def qk_norm_rope(
+    qkv_Bl3C: Tensor,
+    cos_lc: Tensor,
+    sin_lc: Tensor,
+    heads: int,
+    eps: float,
+    cache: tuple[Tensor, Tensor] | None = None,
+    offset: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``qk_norm_rope_ref`` in one kernel: q written head-major, k and v straight into the cache when given."""
+    _check_backend(qkv_Bl3C, rows=False)
+    if qkv_Bl3C.dim() != 4 or qkv_Bl3C.shape[2] != 3:
+        raise ConfigError(f"qkv must be [B, l, 3, C], got shape {tuple(qkv_Bl3C.shape)}")
+    B, l, _, C = qkv_Bl3C.shape
+    if C % heads or (C // heads) % 2:
+        raise ConfigError(f"width {C} must split into {heads} heads of an even size")
+    c = C // heads
+    if tuple(cos_lc.shape) != (l, c) or tuple(sin_lc.shape) != (l, c):
+        raise ConfigError(f"rotary tables must be [{l}, {c}], got {tuple(cos_lc.shape)} and {tuple(sin_lc.shape)}")
+    rows = qkv_Bl3C.reshape(B * l, 3 * C)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    dev, dt = qkv_Bl3C.device, qkv_Bl3C.dtype
+    q = torch.empty(B, heads, l, c, device=dev, dtype=dt)
+    if cache is None:
+        k_all, v_all = torch.empty_like(q), torch.empty_like(q)
+        offset = 0
+    else:
+        k_all, v_all = cache
+        if k_all.shape[:2] != (B, heads) or k_all.shape[3] != c or k_all.shape[2] < offset + l:
+            shape = tuple(k_all.shape)
+            raise ConfigError(f"cache {shape} cannot take {l} tokens of [{B}, {heads}, ., {c}] at {offset}")
+        if k_all.stride(-1) != 1 or v_all.stride(-1) != 1:
+            raise ConfigError("the cache needs a unit stride along the head dim")
+    if B * l:
+        _qk_norm_rope_kernel[(B * l,)](
+            rows, cos_lc.contiguous(), sin_lc.contiguous(), q, k_all, v_all, l, offset, rows.stride(0),
+            *q.stride()[:3], *k_all.stride()[:3], *v_all.stride()[:3], float(eps),
+            WIDTH=C, HEAD_DIM=c, BLOCK_C=triton.next_power_of_2(C), num_warps=4 if C <= 1024 else 8,
+        )  # fmt: skip
+    end = offset + l
+    if cache is None:
+        return q, k_all, v_all
+    return q, k_all[:, :, :end], v_all[:, :, :end]
 
 
 def silu_mul(a: Tensor, b: Tensor) -> Tensor:

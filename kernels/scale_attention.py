@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mindhier_rt.errors import BackendError, ConfigError
+from mindhier_rt.kernels import require_runnable
 from mindhier_rt.schedule import Schedule
 
 log = logging.getLogger(__name__)
@@ -377,21 +378,7 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None) -> None:
 
 
 def _check_backend(q: Tensor) -> None:
-    if not HAS_TRITON:
-        raise BackendError(
-            f"the scale-attention kernel needs Triton, which did not import ({_TRITON_MISSING}); "
-            "install it with `pip install 'mindhier-rt[gpu]'` (or `pip install triton`), "
-            "or use scale_masked_attention_ref"
-        )
-    if q.device.type == "cuda":
-        return
-    if q.device.type != "cpu" or not _INTERPRETED:
-        raise BackendError(
-            f"Triton needs a CUDA GPU or TRITON_INTERPRET=1 (set before importing {__name__}); "
-            f"got tensors on {q.device} with the interpreter {'on' if _INTERPRETED else 'off'}"
-        )
-    if q.dtype != torch.float32:
-        raise BackendError(f"on CPU (Triton interpreter) the kernel runs float32 only, got {q.dtype}")
+    require_runnable(q, HAS_TRITON, _INTERPRETED, _TRITON_MISSING, __name__)
 
 
 def _new_out(q: Tensor, summary: _RangeSummary) -> Tensor:

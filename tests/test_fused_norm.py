@@ -21,7 +21,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'mind
 from mindhier_rt.config import preset
 from mindhier_rt.errors import BackendError, ConfigError
 from mindhier_rt.kernels import fused_norm as fn
-from mindhier_rt.models.blocks import SwittiBlock, fused_norms
+from mindhier_rt.models.blocks import SwittiBlock, fused_norms, rope_tables
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.pipeline import reconstruct
 from mindhier_rt.runtime.torch_backend import TorchBackend
@@ -88,6 +88,35 @@ def test_silu_mul_and_non_contiguous_inputs():
     assert rel_err(fn.rms_norm_modulate(x, w, 1e-6), fn.rms_norm_modulate_ref(x, w, 1e-6)) < 1e-5
 
 
+@pytest.mark.parametrize("heads, c", [(2, 48), (4, 32)])
+@pytest.mark.parametrize("cached", [False, True])
+def test_qk_norm_rope_matches_reference(heads, c, cached):
+    """q, k, v heads from the fused projection; with a cache, k and v land at the offset and nothing else moves."""
+    g = torch.Generator().manual_seed(heads * c + cached)
+    B, l, C, L, offset = 3, 7, heads * c, 20, 5
+    qkv = (torch.randn(B, l, 3, C, generator=g) * 2 + 0.3).to(DEVICE)
+    angles = torch.rand(l, c // 2, generator=g) * 6
+    cos = torch.stack((angles.cos(), angles.cos()), -1).flatten(-2).to(DEVICE)
+    sin = torch.stack((-angles.sin(), angles.sin()), -1).flatten(-2).to(DEVICE)
+    caches = None
+    if cached:
+        before = torch.randn(2, B, heads, L, c, generator=g).to(DEVICE)
+        caches = [before.clone(), before.clone()]  # kernel's, reference's
+    got = fn.qk_norm_rope(qkv, cos, sin, heads, 1e-6, None if caches is None else tuple(caches[0]), offset)
+    ref = fn.qk_norm_rope_ref(qkv, cos, sin, heads, 1e-6, None if caches is None else tuple(caches[1]), offset)
+    for a, b in zip(got, ref, strict=True):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+    if cached:
+        assert got[1].shape[2] == offset + l
+        assert torch.equal(caches[0][:, :, :, :offset], before[:, :, :, :offset])  # earlier scales untouched
+        assert torch.equal(caches[0][:, :, :, offset + l :], before[:, :, :, offset + l :])
+        assert rel_err(caches[0], caches[1]) < 1e-5
+    with pytest.raises(ConfigError, match="rotary tables"):
+        fn.qk_norm_rope(qkv, cos[:-1], sin, heads, 1e-6)
+    with pytest.raises(ConfigError, match="even size"):
+        fn.qk_norm_rope(qkv[..., :-1], cos, sin, heads, 1e-6)
+
+
 def test_block_with_fused_norms_matches_the_eager_block():
     torch.manual_seed(0)
     block = SwittiBlock(width=96, heads=2, context_dim=48, ffn_dim=171, eps=1e-6, crop_cond=False).to(DEVICE)
@@ -98,7 +127,7 @@ def test_block_with_fused_norms_matches_the_eager_block():
         B, l, S = 3, 6, 5
         x = torch.randn(B, l, 96, device=DEVICE)
         ada = block.modulation(torch.randn(B, 96, device=DEVICE), None)
-        cos, sin = torch.ones(l, 48, device=DEVICE), torch.zeros(l, 48, device=DEVICE)
+        cos, sin = (t.float().to(DEVICE) for t in rope_tables(torch.rand(l, 24) * 6))  # head dim 48
         k, v = block.context_kv(torch.randn(B, S, 48, device=DEVICE))
         ref = block(x, ada, cos, sin, k, v)
         with fused_norms():
@@ -106,8 +135,9 @@ def test_block_with_fused_norms_matches_the_eager_block():
     assert rel_err(got, ref) < 1e-5
 
 
-def test_fast_backend_with_fused_norms_gives_the_eager_tokens(tiny_voxels):
-    models = MindHier.from_config(preset("tiny"), seed=0).eval()
+@pytest.mark.parametrize("mode", ["scale_local", "block_causal"])
+def test_fast_backend_with_fused_norms_gives_the_eager_tokens(mode, tiny_voxels):
+    models = MindHier.from_config(preset("tiny").replace(attn_mode=mode), seed=0).eval()
     with torch.no_grad():
         models.generator.head.weight.mul_(8.0)  # peaked distributions, as a trained model has
     eager = TorchBackend(copy.deepcopy(models))
@@ -168,6 +198,12 @@ for dtype in ("fp32", "bf16", "fp16"):
                for n in k.arg_names}
         src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(n),): v for n, v in consts.items()})
         assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
+    k = fn._qk_norm_rope_kernel
+    consts = {"WIDTH": 1920, "HEAD_DIM": 64, "BLOCK_C": 2048}
+    sig = {n: ("*" + dtype if n in ("QKV", "COS", "SIN", "Q_OUT", "K_OUT", "V_OUT") else "fp32" if n == "eps"
+               else "constexpr" if n in consts else "i32") for n in k.arg_names}
+    src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(n),): v for n, v in consts.items()})
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
     k = fn._silu_mul_kernel
     sig = {"A": "*" + dtype, "B": "*" + dtype, "OUT": "*" + dtype, "n": "i32", "BLOCK": "constexpr"}
     src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index("BLOCK"),): 1024})
@@ -200,3 +236,10 @@ def test_gpu_kernels_match_the_float32_reference(dtype):
     rx, rn = fn.residual_rms_norm_ref(up(x), up(h), w1, 1e-6, up(gamma), w2, 1e-6, up(scale2), up(shift2))
     assert rel_err(gx, rx) < GPU_RTOL[dtype] and rel_err(gn, rn) < 4 * GPU_RTOL[dtype]
     assert rel_err(fn.silu_mul(x, h), fn.silu_mul_ref(up(x), up(h))) < GPU_RTOL[dtype]
+    qkv = torch.randn(4, 100, 3, 1920, device="cuda").to(dtype)
+    angles = torch.rand(100, 32, device="cuda") * 6
+    cos = torch.stack((angles.cos(), angles.cos()), -1).flatten(-2).to(dtype)
+    sin = torch.stack((-angles.sin(), angles.sin()), -1).flatten(-2).to(dtype)
+    got = fn.qk_norm_rope(qkv, cos, sin, 30, 1e-6)
+    for a, b in zip(got, fn.qk_norm_rope_ref(up(qkv), up(cos), up(sin), 30, 1e-6), strict=True):
+        assert rel_err(a, b) < 2 * GPU_RTOL[dtype]

@@ -58,9 +58,10 @@ _FUSED_NORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("fused_norms
 
 @contextlib.contextmanager
 def fused_norms(enabled: bool = True) -> Iterator[None]:
-    """Run the Switti block's norm chains (``norm_modulate``, ``residual_norm``, SwiGLU's gate) as the Triton
-    kernels of ``kernels.fused_norm`` inside this context; outside it they are the PyTorch ops below, which
-    are also those kernels' references and what the exported graphs contain."""
+    """Run the Switti block's norm chains (``norm_modulate``, ``residual_norm``, SwiGLU's gate, self-attention's
+    q/k LayerNorm + rotation + cache write) as the Triton kernels of ``kernels.fused_norm`` inside this context;
+    outside it they are the PyTorch ops of this module, which are also those kernels' references and what the
+    exported graphs contain."""
     token = _FUSED_NORMS.set(enabled)
     try:
         yield
@@ -200,6 +201,12 @@ class SelfAttention(nn.Module):
         B, l, C = x_BlC.shape
         H, c = self.heads, self.head_dim
         qkv_Bl3C = self.to_qkv(x_BlC).view(B, l, 3, C)
+        if _FUSED_NORMS.get() and (cache is None or isinstance(cache, SelfKVCache)):
+            from mindhier_rt.kernels.fused_norm import qk_norm_rope
+
+            kv = None if cache is None else (cache.k_BHLc, cache.v_BHLc)
+            q, k, v = qk_norm_rope(qkv_Bl3C, cos_lc, sin_lc, H, self.eps, kv, offset)  # k, v into the cache
+            return self.proj(attention(q, k, v, mask_ll, 1 / math.sqrt(c)).transpose(1, 2).reshape(B, l, C))
         # q and k share the LayerNorm (per row) and the rotation: one op each for both.
         qk_Bl2C = layer_norm_no_affine(qkv_Bl3C[:, :, :2], C, self.eps)
         qk_Bl2Hc = apply_rope(qk_Bl2C.view(B, l, 2, H, c), cos_lc[:, None, None], sin_lc[:, None, None])
