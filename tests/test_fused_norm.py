@@ -136,6 +136,25 @@ def test_block_with_fused_norms_matches_the_eager_block():
 
 
 @pytest.mark.parametrize("mode", ["scale_local", "block_causal"])
+def test_teacher_forced_pass_with_the_kernels_matches_the_eager_one(mode):
+    """The whole pyramid in one pass with the block-sparse attention kernel (schedule masks as ranges, outputs
+    written token-major) and the fused norms, against SDPA with dense masks and the PyTorch norms."""
+    from mindhier_rt.models.attention import attention_mode
+
+    models = MindHier.from_config(preset("tiny").replace(attn_mode=mode), seed=0).eval()
+    cfg, gen = models.cfg, models.generator
+    g = torch.Generator().manual_seed(3)
+    pooled = torch.randn(2, cfg.generator.pooled_dim or cfg.context_dim, generator=g)
+    context = torch.randn(2, cfg.schedule.context_length, cfg.context_dim, generator=g)
+    x = torch.randn(2, cfg.schedule.total_tokens - 1, cfg.latent_dim, generator=g)
+    with torch.no_grad():
+        ref = gen(pooled, context, x)
+        with attention_mode("triton"), fused_norms():
+            got = gen(pooled, context, x)
+    assert rel_err(got, ref) < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["scale_local", "block_causal"])
 def test_fast_backend_with_fused_norms_gives_the_eager_tokens(mode, tiny_voxels):
     models = MindHier.from_config(preset("tiny").replace(attn_mode=mode), seed=0).eval()
     with torch.no_grad():

@@ -77,8 +77,14 @@ def attention(
     if _MODE == "triton" and not isinstance(mask, Tensor):
         from mindhier_rt.kernels.scale_attention import scale_masked_attention
 
-        ranges = mask.ranges if mask is not None else ((0, q.shape[-2], 0, k.shape[-2]),)
-        return scale_masked_attention(q, k, v, ranges, scale)
+        B, H, Lq, c = q.shape
+        ranges = mask.ranges if mask is not None else ((0, Lq, 0, k.shape[-2]),)
+        out = None
+        if sum(q1 - q0 for q0, q1, _, _ in ranges) == Lq:  # every query written: no zero fill needed
+            # token-major [B, Lq, H, c] seen as [B, H, Lq, c]: the caller's transpose + reshape to [B, Lq, H * c]
+            # is then a view, not a copy
+            out = torch.empty(B, Lq, H, c, device=q.device, dtype=q.dtype).transpose(1, 2)
+        return scale_masked_attention(q, k, v, ranges, scale, out)
     dense = mask.dense if isinstance(mask, RangeMask) else mask
     if _MODE == "math":
         return attention_math(q, k, v, dense, scale)
