@@ -5,7 +5,7 @@ AdaLN modulation. Written as PyTorch ops, one block is about 70 small elementwis
 (each RMSNorm alone is a float32 cast, square, mean, add, sqrt, divide, gain cast, multiply and cast back); on
 an H200 those kernels, not the GEMMs, bound the small scales of the fast backend
 (``benchmarks/results/gpu_h200/README.md``). The block's elementwise work between its matmuls is four row-wise
-chains plus SwiGLU's gate, five kernels here:
+norm chains, SwiGLU's gate and self-attention's prologue, six kernels here:
 
     rms_norm_modulate(x, w, eps, scale, shift)      RMSNorm(x) * w * (1 + scale) + shift   (before self-attn)
     residual_rms_norm(x, h, w, eps, gate,           x' = x + RMSNorm(h) * w * gate         (after a sub-layer)

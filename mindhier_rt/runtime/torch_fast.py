@@ -11,9 +11,9 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
 - Attention inside the graphs goes through the block-sparse Triton kernel
   (``mindhier_rt.kernels.scale_attention``) when Triton is available, else SDPA.
 - The elementwise chains between a block's matmuls (sandwich RMSNorms, AdaLN modulation, residual adds,
-  SwiGLU's gate) run as five fused Triton kernels per block (``mindhier_rt.kernels.fused_norm``,
-  ``models.blocks.fused_norms``) instead of about 70 small PyTorch kernels: ``fused=True``, the default
-  on CUDA with Triton.
+  SwiGLU's gate, q/k LayerNorm + rotation + cache write) run as six fused Triton kernels per block
+  (``mindhier_rt.kernels.fused_norm``, ``models.blocks.fused_norms``) instead of about 70 small PyTorch
+  kernels: ``fused=True``, the default on CUDA with Triton.
 - The other phases are CUDA graphs too (``GraphedCall``, one per call signature): the encoder, the context
   step (writing straight into the scan's buffers), each scale's guidance combine + token draw
   (``choose_tokens``, which the decode loop calls through the backend), each scale's f_hat update and the
