@@ -6,9 +6,10 @@
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on the GPU machine, from the repository root
 #
-# Results (at most 8 files) go to $OUT: gpu.txt (nvidia-smi), gpu_tests.log, gpu_bench.{json,md,log},
-# step0_kernels.txt, tensorrt.log. Copy gpu_bench.md / .json into benchmarks/results/ under the card's name.
-# Time limits per part (seconds) can be lowered for a short lease: TESTS_S, BENCH_S, STEP_S, TRT_S.
+# Results (8 files) go to $OUT: gpu.txt (nvidia-smi), gpu_tests.log, gpu_bench.{json,md,log},
+# profile_fast_512.json, step0_kernels.txt, tensorrt.log. Copy them into benchmarks/results/ under the card's name.
+# Expected: about 5 minutes on an H100/H200 (the 2026-11-28 H200 run took 149 s before the later parts were added).
+# Time limits per part (seconds) can be lowered for a short lease: TESTS_S, BENCH_S, PROF_S, STEP_S, TRT_S.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
@@ -30,6 +31,10 @@ timeout "${TESTS_S:-150}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/test
 echo "== eager vs fast, kernels, floor ($(($(date +%s) - T0)) s)"
 timeout "${BENCH_S:-300}" $PY benchmarks/gpu_bench.py --out "$OUT" --presets mindhier-512,mindhier-256 \
   --repeats "${REPEATS:-3}" --warmup 1 2>&1 | tee "$OUT/gpu_bench.log" | tail -30
+
+echo "== where the fast backend's time goes, per phase ($(($(date +%s) - T0)) s)"
+timeout "${PROF_S:-90}" mindhier-rt profile --preset mindhier-512 --backend torch-fast --device cuda --batch 1 \
+  --repeats 3 --warmup 1 --json "$OUT/profile_fast_512.json" 2>&1 | grep -E "^(encode|context|step \(all|update \(all|sample|decode|end to end)"
 
 echo "== one step's kernels, fused vs unfused ($(($(date +%s) - T0)) s)"
 timeout "${STEP_S:-90}" $PY benchmarks/gpu_step_profile.py --preset mindhier-512 --scale 0 --out "$OUT/step0_kernels.txt" \
