@@ -8,7 +8,7 @@
 #
 # Results (8 files) go to $OUT: gpu.txt (nvidia-smi), gpu_tests.log, gpu_bench.{json,md,log},
 # profile_fast_512.json, step0_kernels.txt, tensorrt.log. Copy them into benchmarks/results/ under the card's name.
-# Expected: about 5 minutes on an H100/H200 (the 2026-11-28 H200 run took 149 s before the later parts were added).
+# Time: an earlier version took 149 s on an H200 (2026-11-28); the parts added since are unmeasured (estimate: 2-3 min).
 # Time limits per part (seconds) can be lowered for a short lease: TESTS_S, BENCH_S, PROF_S, STEP_S, TRT_S.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results/gpu}
