@@ -3,9 +3,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from mindhier_rt.errors import BackendError
+
+
+def import_triton() -> tuple[Any, Any, bool, str]:
+    """``(triton, triton.language, has_triton, why_missing)``: Triton is optional, detected once per kernel module
+    at its import (called there, not here, so that a module re-imported without Triton sees it missing)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as e:
+        return None, None, False, f"{type(e).__name__}: {e}"
+    return triton, tl, True, ""
 
 
 def require_runnable(t: torch.Tensor, has_triton: bool, interpreted: bool, missing: str, module: str) -> None:

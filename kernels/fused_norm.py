@@ -37,19 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mindhier_rt.errors import ConfigError
-from mindhier_rt.kernels import require_runnable
+from mindhier_rt.kernels import import_triton, require_runnable
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as _triton_import_error:
-    triton = None
-    tl = None
-    HAS_TRITON = False
-    _TRITON_MISSING = f"{type(_triton_import_error).__name__}: {_triton_import_error}"
-else:
-    HAS_TRITON = True
-    _TRITON_MISSING = ""
+triton, tl, HAS_TRITON, _TRITON_MISSING = import_triton()  # optional: reported when a kernel is used
 
 MAX_WIDTH = 16384  # one program holds a whole row in registers
 

@@ -54,22 +54,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mindhier_rt.errors import BackendError, ConfigError
-from mindhier_rt.kernels import require_runnable
+from mindhier_rt.kernels import import_triton, require_runnable
 from mindhier_rt.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError as _triton_import_error:  # optional backend: detected once, reported when used
-    triton = None
-    tl = None
-    HAS_TRITON = False
-    _TRITON_MISSING = f"{type(_triton_import_error).__name__}: {_triton_import_error}"
-else:
-    HAS_TRITON = True
-    _TRITON_MISSING = ""
+triton, tl, HAS_TRITON, _TRITON_MISSING = import_triton()  # optional: reported when a kernel is used
 
 Range = tuple[int, int, int, int]  # (query start, query end, key start, key end), ends exclusive
 Kind = Literal["cross", "scale_local", "block_causal"]

@@ -260,7 +260,8 @@ def profile_backends(
     (per scale: tokens, rows and the step, update and sampling timings), ``end_to_end`` (median, min, max
     ms), ``memory`` (peak over the backend's first run) and ``costs``; every backend after the first also
     gets ``paired_ratio``: the median over rounds of its end-to-end time over the first backend's.
-    ``other`` is the loop's own work (guidance combine, concatenations, copies): end to end minus the rest.
+    ``sample`` is ``choose_tokens`` (guidance combine + draw); ``other`` is the rest of the loop's own work
+    (concatenations, copies, thread settings): end to end minus the timed phases.
     """
     if not backends:
         raise ConfigError("profile_backends needs at least one backend")

@@ -246,8 +246,8 @@ def stable_top_k(x_NlV: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     values at the k-th place it keeps. So: take topk, order the k kept entries stably (by index, then by
     value), and redo with the full stable sort only the rows where the k-th value also occurs outside the
     kept set (a tie across the cut, rare for real logits). The result equals the full sort's exactly.
-    Off the CPU the full sort is taken always: it is fast there, and the repair's check would be a host sync
-    (which a CUDA graph cannot hold).
+    Off the CPU the full sort is taken always, because the repair's check is a host sync, which a CUDA graph
+    cannot hold (the cost of the full sort there has not been timed against topk).
     """
     V = x_NlV.shape[-1]
     if 8 * k > V or x_NlV.device.type != "cpu":

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import h5py
+import numpy as np
 
 from mindhier_rt.errors import InputError
 
@@ -19,6 +20,19 @@ def h5_dataset(f: h5py.File, path: Path, name: str) -> h5py.Dataset:
         found = ", ".join(f.keys()) or "nothing"
         raise InputError(f"{path}: expected an HDF5 dataset {name!r}, found {found}")
     return obj
+
+
+def betas_dataset(f: h5py.File, path: Path, voxels: int, voxels_from: str) -> h5py.Dataset:
+    """The float ``betas`` [trials, voxels] dataset of an open file, or an InputError saying what is wrong.
+
+    ``voxels_from`` names where the expected voxel count comes from, for the error message.
+    """
+    dset = h5_dataset(f, path, "betas")
+    if dset.ndim != 2 or not np.issubdtype(dset.dtype, np.floating):
+        raise InputError(f"{path}: expected float betas [trials, voxels], found {dset.dtype} {dset.shape}")
+    if dset.shape[1] != voxels:
+        raise InputError(f"{path}: expected {voxels} {voxels_from}, found {dset.shape[1]}")
+    return dset
 
 
 def unreadable(path: Path, e: Exception) -> InputError:

@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 from mindhier_rt.config import NSD_SUBJECTS
-from mindhier_rt.data.h5 import H5_ERRORS, h5_dataset, unreadable
+from mindhier_rt.data.h5 import H5_ERRORS, betas_dataset, h5_dataset, unreadable
 from mindhier_rt.errors import InputError
 from mindhier_rt.io import PathLike
 
@@ -330,13 +330,7 @@ class MindEye2Dataset:
         out = np.empty((rows.size, n_vox), dtype=np.float32)
         try:
             with h5py.File(path, "r") as f:
-                dset = h5_dataset(f, path, "betas")
-                if dset.ndim != 2 or not np.issubdtype(dset.dtype, np.floating):
-                    raise InputError(f"{path}: expected float betas [trials, voxels], found {dset.dtype} {dset.shape}")
-                if dset.shape[1] != n_vox:
-                    raise InputError(
-                        f"{path}: expected {n_vox} nsdgeneral voxels per trial for {subject}, found {dset.shape[1]}"
-                    )
+                dset = betas_dataset(f, path, n_vox, f"nsdgeneral voxels per trial for {subject}")
                 if rows.size and rows[-1] >= dset.shape[0]:
                     raise InputError(
                         f"{path}: the trial tables of {subject} refer to betas row {rows[-1]}, found only "

@@ -26,7 +26,7 @@ import h5py
 import numpy as np
 
 from mindhier_rt.config import preset
-from mindhier_rt.data.h5 import H5_ERRORS, h5_dataset, unreadable
+from mindhier_rt.data.h5 import H5_ERRORS, betas_dataset, h5_dataset, unreadable
 from mindhier_rt.data.synthetic import StimulusAttributes, SyntheticSet, make_synthetic
 from mindhier_rt.errors import InputError
 from mindhier_rt.io import PathLike, atomic_path, write_json
@@ -282,11 +282,7 @@ class BrainDataset:
             raise InputError(f"{path}: expected the betas of {subject}, found no such file")
         try:
             with h5py.File(path, "r") as f:
-                dset = h5_dataset(f, path, "betas")
-                if dset.ndim != 2 or not np.issubdtype(dset.dtype, np.floating):
-                    raise InputError(f"{path}: expected float betas [trials, voxels], found {dset.dtype} {dset.shape}")
-                if dset.shape[1] != n_vox:
-                    raise InputError(f"{path}: expected {n_vox} voxels per trial (dataset.json), found {dset.shape[1]}")
+                dset = betas_dataset(f, path, n_vox, "voxels per trial (dataset.json)")
                 if dset.shape[0] != n_trials:
                     trials_path = self.root / "trials" / f"{subject}.npz"
                     raise InputError(f"{path}: expected {n_trials} trials (as in {trials_path}), found {dset.shape[0]}")
