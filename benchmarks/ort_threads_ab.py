@@ -5,6 +5,7 @@
 Backends (same bundle, same loop):
 * ``ort_quiet``: no spinning, PyTorch's host work on all its threads (the defaults before 2026-11-28, session 3);
 * ``ort_spin``: workers spin within runs and stop at their end, PyTorch untouched;
+* ``ort_1thread``: no spinning, the host work on one PyTorch thread;
 * ``onnxruntime``: the defaults, spinning within runs and the host work on one PyTorch thread.
 
 Exports a float32 bundle of random-weight ``small`` models to a temporary folder, then profiles the backends run
@@ -40,7 +41,9 @@ def main() -> None:
         quiet.name = "ort_quiet"
         spin = OnnxRuntimeBackend(bundle, spinning=True, host_threads=None)
         spin.name = "ort_spin"
-        backends = [TorchBackend(models), quiet, spin, OnnxRuntimeBackend(bundle)]
+        one_thread = OnnxRuntimeBackend(bundle, spinning=False, host_threads=1)
+        one_thread.name = "ort_1thread"
+        backends = [TorchBackend(models), quiet, spin, one_thread, OnnxRuntimeBackend(bundle)]
         results = profile_backends(backends, "subj01", a.batch, 1, SamplingConfig(cfg_scale=6.0), a.repeats)
     print(format_table(results))
 

@@ -13,8 +13,8 @@ token sampling), and the two thread pools compete for the same cores:
   next ONNX Runtime run needs. With the CPU execution provider the backend therefore asks the loop to run
   its host work on ``host_threads`` PyTorch threads (default 1; ``None`` leaves PyTorch's setting alone):
   ``runtime.base.host_threads`` applies it around the loop and restores the setting afterwards.
-Together these moved the small preset's onnxruntime decode from 0.74-0.81x to 0.67-0.72x of eager PyTorch at
-batch 4 (paired medians of four A/B runs) and from 0.61x to 0.47x at batch 1, although sampling alone is slower
+Together these moved the small preset's onnxruntime decode from 0.74-0.81x to 0.69-0.73x of eager PyTorch at
+batch 4 (paired medians of three A/B runs) and from 0.72x to 0.57x at batch 1, although sampling alone is slower
 on one thread (``benchmarks/ort_threads_ab.py``, ``benchmarks/results/profile_small_cpu.md``).
 """
 

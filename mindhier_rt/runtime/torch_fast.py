@@ -23,7 +23,7 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
   accumulates in float32 (its residual sum is where precision matters), and the image decoder runs under
   autocast in ``decoder_dtype``: float16 by default on CUDA (float32 on the CPU). On the tiny and small presets
   (random weights, CPU autocast) float16 decoding stays within 0.0085 (about 2/255) of float32 in every pixel,
-  bfloat16 within 0.09 (mean 0.004): hence float16, whose 10-bit mantissa suits the decoder's normalised range.
+  bfloat16 within 0.068 (``benchmarks/decoder_precision.py``, ``benchmarks/results/decoder_precision_cpu.md``).
 
 On the CPU the backend falls back cleanly: float32, no CUDA graphs, SDPA, but the same static-buffer code path,
 so its bookkeeping is tested here against the eager backend (identical tokens). The backend casts and moves the
