@@ -7,13 +7,15 @@ to check the plumbing (numbers then mean nothing). For each preset (random weigh
 - ``eager``: ``TorchBackend`` with the encoder and generator in ``--dtype`` (the same precision as the fast path),
 - ``fast``: ``FastTorchBackend`` (static buffers, one CUDA graph per scale, Triton attention, fused norm kernels,
   ``--dtype``),
-- ``fast_unfused``: the same without the fused norm kernels (``fused=False``), at batch 1 / 1 sample only, to
-  measure what the fusion gives,
+- ``fast_unfused``: the same without the fused kernels (``fused=False``), at batch 1 / 1 sample only, to
+  measure what the fusion gives (if the fused kernels fail on the GPU, ``fast`` is timed unfused and the row
+  says why in ``fused_error``),
 
 taking turns run by run, median of ``--repeats`` after ``--warmup`` runs, at every (batch, samples) pair. Next to
 each number: the compute floor of that decode, the sum over phases of max(FLOPs / measured matmul rate,
 bytes / measured copy bandwidth), from the cost model ``mindhier_rt.costs``, and how far the measurement is from it.
-Then the kernels: ``mindhier_rt.kernels.scale_attention.benchmark`` on the teacher-forced pyramid of each preset.
+Then the image decoder alone in float32, float16 and bfloat16, NCHW and channels-last (``bench_decoder``), and the
+kernels: ``mindhier_rt.kernels.scale_attention.benchmark`` on the teacher-forced pyramid of each preset.
 
     python benchmarks/gpu_bench.py --out results/ [--presets mindhier-256,mindhier-512] [--batches 1,4]
         [--samples 1,4] [--repeats 5] [--warmup 2] [--dtype bfloat16] [--device cuda]
@@ -82,7 +84,9 @@ def floor_seconds(costs, rates: dict[str, float]) -> float:
     return sum(max(c.flops / rates["matmul_flops_per_s"], c.bytes / rates["copy_bytes_per_s"]) for c in phases)
 
 
-def bench_preset(name: str, args: argparse.Namespace, rates: dict[str, float]) -> list[dict[str, Any]]:
+def bench_preset(
+    name: str, args: argparse.Namespace, rates: dict[str, float]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     device, dtype = torch.device(args.device), HALF_DTYPES[args.dtype]
     t0 = time.perf_counter()
     models = MindHier.from_config(preset(name), seed=0).eval()
@@ -94,6 +98,15 @@ def bench_preset(name: str, args: argparse.Namespace, rates: dict[str, float]) -
     cfg = fast.cfg
     subject = cfg.encoder.subjects[0][0]
     sampling = SamplingConfig(cfg_scale=6.0, seed=0)
+    fused_error = None
+    try:  # the fused kernels' first run on this GPU: if they fail, time the fast path without them
+        reconstruct(fast, torch.randn(1, cfg.encoder.voxel_count(subject)), subject, sampling)
+    except Exception as e:
+        if not fast.fused:
+            raise
+        fused_error = f"{type(e).__name__}: {e}"
+        print(f"[{name}] the fast backend failed with its fused kernels ({fused_error}); timing it unfused", flush=True)
+        fast = unfused
     rows = []
     for batch in args.batches:
         for samples in args.samples:
@@ -130,6 +143,7 @@ def bench_preset(name: str, args: argparse.Namespace, rates: dict[str, float]) -
                 "fast_runs_ms": [1e3 * t for t in times["fast"]],
                 "fast_unfused_ms": 1e3 * statistics.median(times["fast_unfused"]) if times["fast_unfused"] else None,
                 "image_shape": list(rec.images_NS3HW.shape),
+                "fused_error": fused_error,
             }
             target = TARGET_MS.get(name) if (batch, samples) == (1, 1) else None
             if target is not None:
@@ -140,10 +154,52 @@ def bench_preset(name: str, args: argparse.Namespace, rates: dict[str, float]) -
                 f"({eager_ms / fast_ms:.2f}x), floor {1e3 * floor:.1f} ms (fast at {fast_ms / (1e3 * floor):.2f}x)",
                 flush=True,
             )
+    try:  # a failure here must not cost the end-to-end rows above
+        rows_decoder = bench_decoder(fast, args)
+    except Exception as e:  # recorded in the results and printed
+        print(f"[{name}] decoder benchmark failed: {type(e).__name__}: {e}", flush=True)
+        rows_decoder = [{"preset": name, "error": f"{type(e).__name__}: {e}"}]
     del eager, fast, unfused
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return rows
+    return rows, rows_decoder
+
+
+DECODER_VARIANTS = (("float32", "nchw"), ("float16", "nchw"), ("float16", "channels_last"), ("bfloat16", "nchw"))
+
+
+def bench_decoder(fast: FastTorchBackend, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The VQ-VAE image decoder alone in each (dtype, layout) of ``DECODER_VARIANTS``, eager launches (no graph),
+    taking turns; max per-pixel distance to float32. Restores the backend's own setting afterwards."""
+    device, cfg = fast.device, fast.cfg
+    own = (fast.decoder_dtype, fast.decoder_layout)
+    n = cfg.schedule.last_side
+    out = []
+    for batch in args.batches:
+        f_hat = torch.randn(batch, cfg.latent_dim, n, n, device=device)
+        times: dict[tuple[str, str], list[float]] = {v: [] for v in DECODER_VARIANTS}
+        images: dict[tuple[str, str], torch.Tensor] = {}
+        for r in range(args.warmup + args.repeats):
+            for variant in DECODER_VARIANTS if r % 2 == 0 else DECODER_VARIANTS[::-1]:
+                fast.decoder_dtype = HALF_DTYPES[variant[0]]
+                fast.set_decoder_layout(variant[1])
+                with torch.inference_mode():
+                    _sync(device)
+                    t = time.perf_counter()
+                    images[variant] = fast._decode_eager(f_hat)
+                    _sync(device)
+                if r >= args.warmup:
+                    times[variant].append(time.perf_counter() - t)
+        ref = images[("float32", "nchw")]
+        for variant in DECODER_VARIANTS:
+            ms = 1e3 * statistics.median(times[variant])
+            diff = float((images[variant] - ref).abs().max())
+            out.append({"preset": cfg.name, "batch": batch, "dtype": variant[0], "layout": variant[1], "ms": ms,
+                        "max_abs_vs_float32": diff})  # fmt: skip
+            print(f"[{cfg.name}] decoder batch {batch} {variant[0]} {variant[1]}: {ms:.2f} ms (max {diff:.4f})")
+    fast.decoder_dtype = own[0]
+    fast.set_decoder_layout(own[1])
+    return out
 
 
 def bench_kernels(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -201,6 +257,24 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {row['fast_ms']:.1f} | {unfused} | {row['speedup']:.2f}x | {row['floor_ms']:.1f} "
             f"| {row['fast_over_floor']:.2f} | {target} |"
         )
+    failed = {row["preset"]: row["fused_error"] for row in result["end_to_end"] if row.get("fused_error")}
+    for preset_name, error in failed.items():
+        lines += ["", f"**{preset_name}: the fused kernels failed ({error}); its fast column is unfused.**"]
+    lines += [
+        "",
+        "Image decoder alone (eager launches), by precision and layout:",
+        "",
+        "| preset | batch | dtype | layout | ms | max abs vs float32 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for d in result["decoder"]:
+        if "error" in d:
+            lines.append(f"| {d['preset']} | failed: {d['error']} | | | | |")
+            continue
+        lines.append(
+            f"| {d['preset']} | {d['batch']} | {d['dtype']} | {d['layout']} | {d['ms']:.2f} "
+            f"| {d['max_abs_vs_float32']:.4f} |"
+        )
     lines += ["", "Kernels (teacher-forced pyramid, vs SDPA with the dense mask):", "", "```"]
     lines += [json.dumps(k) for k in result["kernels"]]
     lines += ["```", ""]
@@ -233,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": args.dtype,
         "rates": rates,
         "end_to_end": [],
+        "decoder": [],
         "kernels": bench_kernels(names, args),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -245,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
 
     save()
     for name in names:
-        result["end_to_end"] += bench_preset(name, args, rates)
+        end_to_end, decoder = bench_preset(name, args, rates)
+        result["end_to_end"] += end_to_end
+        result["decoder"] += decoder
         md = save()
     print(md)
     return 0

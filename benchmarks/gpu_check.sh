@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one call of under 8 minutes: GPU tests, eager vs fast torch backend end to
 # end on mindhier-512 and mindhier-256 (batch 1 and 4, 1 and 4 samples per scan, guidance on every scale; the
-# fast backend also without its fused norm kernels at batch 1),
+# fast backend also without its fused kernels at batch 1), the image decoder alone by precision and layout,
 # the Triton kernels vs dense-mask SDPA, the compute floor, and TensorRT where it is installed.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on the GPU machine, from the repository root
@@ -26,7 +26,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 echo "== GPU tests ($(($(date +%s) - T0)) s)"
 # no -x: every GPU test reports (the fast backend's graph captures and fused kernels are first run here)
 timeout "${TESTS_S:-150}" $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels.py tests/test_fused_norm.py \
-  tests/test_torch_fast.py tests/test_tensorrt.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -15
+  tests/test_sampling_kernel.py tests/test_torch_fast.py tests/test_tensorrt.py 2>&1 | tee -a "$OUT/gpu_tests.log" | tail -15
 
 echo "== eager vs fast, kernels, floor ($(($(date +%s) - T0)) s)"
 timeout "${BENCH_S:-300}" $PY benchmarks/gpu_bench.py --out "$OUT" --presets mindhier-512,mindhier-256 \

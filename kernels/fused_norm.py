@@ -98,13 +98,15 @@ if HAS_TRITON:
             tl.store(OUT_N + row * stride_on + cols, y.to(OUT_N.dtype.element_ty), mask=valid)
 
     @triton.jit
-    def _silu_mul_kernel(A, B, OUT, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        valid = offs < n
-        a = tl.load(A + offs, mask=valid, other=0.0).to(tl.float32)
-        b = tl.load(B + offs, mask=valid, other=0.0).to(tl.float32)
+    def _silu_mul_kernel(A, B, OUT, n_cols, stride_a, stride_b, BLOCK: tl.constexpr):
+        """Rows of A and B (any row strides, e.g. the two halves of one packed projection) into contiguous OUT."""
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        valid = cols < n_cols
+        a = tl.load(A + row * stride_a + cols, mask=valid, other=0.0).to(tl.float32)
+        b = tl.load(B + row * stride_b + cols, mask=valid, other=0.0).to(tl.float32)
         out = a / (1.0 + tl.exp(-a)) * b
-        tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=valid)
+        tl.store(OUT + row * n_cols + cols, out.to(OUT.dtype.element_ty), mask=valid)
 
     @triton.jit
     def _qk_norm_rope_kernel(
@@ -401,14 +403,16 @@ def qk_norm_rope(
 
 
 def silu_mul(a: Tensor, b: Tensor) -> Tensor:
-    """silu(a) * b elementwise in one kernel (float32 inside); a and b of one shape."""
+    """silu(a) * b elementwise in one kernel (float32 inside); a and b of one shape, read in place when their rows
+    have unit stride (e.g. ``gu[..., :h]`` and ``gu[..., h:]`` of a packed gate/up projection)."""
     _check_backend(a, rows=False)
-    if a.shape != b.shape:
-        raise ConfigError(f"silu_mul needs one shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = a.contiguous(), b.contiguous()
-    out = torch.empty_like(a)
-    n = a.numel()
-    if n:
-        block = 1024
-        _silu_mul_kernel[(triton.cdiv(n, block),)](a, b, out, n, BLOCK=block)
+    if a.shape != b.shape or a.dim() == 0:
+        raise ConfigError(f"silu_mul needs one shape of at least one axis, got {tuple(a.shape)} and {tuple(b.shape)}")
+    n = a.shape[-1]
+    a_Rn, b_Rn = _rows(a.reshape(-1, 1, n), "a", n), _rows(b.reshape(-1, 1, n), "b", n)
+    out = torch.empty(a.shape, device=a.device, dtype=a.dtype)
+    if out.numel():
+        block = min(1024, triton.next_power_of_2(n))
+        grid = (a_Rn.shape[0], triton.cdiv(n, block))
+        _silu_mul_kernel[grid](a_Rn, b_Rn, out, n, a_Rn.stride(0), b_Rn.stride(0), BLOCK=block)
     return out

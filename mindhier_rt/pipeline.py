@@ -46,7 +46,10 @@ def reconstruct(
     scan_ids: Tensor | None = None,
     on_scale: Callable[[int], None] | None = None,
 ) -> Reconstruction:
-    """Decode a batch of scans (all of one subject) with ``samples`` draws each."""
+    """Decode a batch of scans (all of one subject) with ``samples`` draws each.
+
+    ``on_scale(i)`` is called once scale i's work is issued; on a GPU it may still be running (the loop does not
+    wait for the device until the image is copied back)."""
     if backend.cfg.generator.condition != "fmri":
         raise InputError(
             f"model {backend.cfg.name} is class-conditional: decode class labels (--class-label), not voxels"
@@ -133,8 +136,9 @@ def _decode(
         if x_next is not None and guided:
             x_next = torch.cat([x_next, x_next])
         x_BlE = x_next
-        tokens.append(idx_Rl.view(N, samples, -1).cpu())
+        tokens.append(idx_Rl.view(N, samples, -1))  # to the host after the loop: no device sync per scale
         if on_scale is not None:
             on_scale(i)
     images = backend.decode_image(f_hat).float().cpu()
+    tokens = [t.cpu() for t in tokens]
     return Reconstruction(images_NS3HW=images.view(N, samples, *images.shape[1:]), tokens=tokens)

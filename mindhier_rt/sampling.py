@@ -28,6 +28,7 @@ __all__ = [
     "SamplingConfig",
     "cfg_combine",
     "choose_tokens",
+    "draw_from_sorted",
     "guidance_active",
     "guidance_weight",
     "hash_key",
@@ -271,6 +272,7 @@ def sample_tokens(
     scale: int,
     scan_ids: torch.Tensor | Sequence[int],
     sample_ids: torch.Tensor | Sequence[int],
+    fused: bool = False,
 ) -> torch.Tensor:
     """Int64 [N, l] token indices drawn from (already CFG-combined) logits [N, l, V], on their device.
 
@@ -279,6 +281,10 @@ def sample_tokens(
     whose mass reaches top_p (position j kept iff the mass before j is < top_p), then pick the first kept
     position whose cumulative mass exceeds u * (kept mass). docs/sampling.md has the exact arithmetic.
     Logits must be finite (-inf is allowed where each row keeps one finite value).
+
+    ``fused=True`` draws from the sorted values with one Triton kernel per scale
+    (``mindhier_rt.kernels.sampling.draw_sorted``: the same rule, about 130 fewer kernels per scale on a GPU);
+    greedy decoding, k > ``MAX_K`` and float64 logits keep the PyTorch code.
     """
     if logits_NlV.dim() != 3:
         raise ConfigError(f"logits must be [N, l, V], got shape {tuple(logits_NlV.shape)}")
@@ -304,8 +310,20 @@ def sample_tokens(
     x_NlV = logits_NlV if logits_NlV.dtype == torch.float64 else logits_NlV.float()
     k = V if scfg.top_k == 0 else min(scfg.top_k, V)
     top_Nlk, order_Nlk = stable_top_k(x_NlV, k)
-    top_Nlk = top_Nlk.to(torch.float64)
+    if fused:
+        from mindhier_rt.kernels.sampling import MAX_K, draw_sorted
 
+        if k <= MAX_K and top_Nlk.dtype == torch.float32:
+            return draw_sorted(top_Nlk, order_Nlk, scfg.top_p, scfg.seed, scan_N, sample_N, scale)
+    u_Nl = _hash_grid(scfg.seed, scan_N, sample_N, scale, n_tok).to(torch.float64) * U_SCALE
+    return draw_from_sorted(top_Nlk, order_Nlk, scfg.top_p, u_Nl)
+
+
+def draw_from_sorted(top_Nlk: torch.Tensor, order_Nlk: torch.Tensor, top_p: float, u_Nl: torch.Tensor) -> torch.Tensor:
+    """Steps 3-6 of the selection rule (docs/sampling.md): from the first k values of each position's stable
+    descending order (``top_Nlk``, any float dtype) and their token indices (``order_Nlk``), the float64 softmax,
+    the top-p prefix and the inverse-CDF draw with the uniforms ``u_Nl`` (float64). Returns int64 [N, l]."""
+    top_Nlk = top_Nlk.to(torch.float64)
     # Unnormalised softmax: e_j = exp(x_j - x_0), E_j = e_0 + ... + e_j (float64, sorted order),
     # Z = E_{k-1}. Same as cumulative probabilities E_j / Z, with fewer roundings.
     e_Nlk = torch.exp(top_Nlk - top_Nlk[..., :1])  # first sorted value is the max
@@ -314,13 +332,12 @@ def sample_tokens(
 
     # top-p: keep position j iff E_{j-1} < top_p * Z (position 0 always kept); the kept set is a prefix.
     before_Nlk = torch.cat([torch.zeros_like(cum_Nlk[..., :1]), cum_Nlk[..., :-1]], dim=-1)
-    kept_Nlk = before_Nlk < (scfg.top_p * z_Nl)[..., None]
+    kept_Nlk = before_Nlk < (top_p * z_Nl)[..., None]
     kept_Nlk[..., 0] = True
     n_kept_Nl = kept_Nlk.sum(dim=-1)
     mass_Nl = torch.gather(cum_Nlk, -1, (n_kept_Nl - 1)[..., None]).squeeze(-1)
 
     # inverse CDF over the kept prefix: first kept position whose cumulative sum > u * mass.
-    u_Nl = _hash_grid(scfg.seed, scan_N, sample_N, scale, n_tok).to(torch.float64) * U_SCALE
     target_Nl = u_Nl * mass_Nl
     pos_Nl = ((cum_Nlk <= target_Nl[..., None]) & kept_Nlk).sum(dim=-1)
     pos_Nl = torch.minimum(pos_Nl, n_kept_Nl - 1)  # float edge: target >= last kept cumulative sum
@@ -334,14 +351,16 @@ def choose_tokens(
     guidance: float | None,
     scan_ids: torch.Tensor,
     sample_ids: torch.Tensor,
+    fused: bool = False,
 ) -> torch.Tensor:
     """One scale's tokens from the generator's logits: with ``guidance`` (the weight t of ``guidance_weight``)
     the rows are [conditional; unconditional] halves, combined by ``cfg_combine`` first; then ``sample_tokens``.
 
     The decode loop calls this (or a backend's own ``choose_tokens`` with the same signature and results, e.g.
-    the fast backend's replay of it as a CUDA graph). Returns int64 [N, l] on the logits' device.
+    the fast backend's replay of it as a CUDA graph). ``fused`` as in ``sample_tokens``. Returns int64 [N, l] on
+    the logits' device.
     """
     if guidance is not None:
         half = logits_BlV.shape[0] // 2
         logits_BlV = cfg_combine(logits_BlV[:half], logits_BlV[half:], guidance)
-    return sample_tokens(logits_BlV, scfg, scale, scan_ids, sample_ids)
+    return sample_tokens(logits_BlV, scfg, scale, scan_ids, sample_ids, fused)

@@ -83,6 +83,9 @@ def test_silu_mul_and_non_contiguous_inputs():
     a = torch.randn(4, 7, 2 * 45, generator=g).to(DEVICE)[..., ::2]  # strided: copied to contiguous inside
     b = torch.randn(4, 7, 45, generator=g).to(DEVICE)
     assert rel_err(fn.silu_mul(a, b), fn.silu_mul_ref(a, b)) < 1e-5
+    gu = torch.randn(3, 5, 2 * 1500, generator=g).to(DEVICE)  # the halves of a packed projection, read in place
+    got = fn.silu_mul(gu[..., :1500], gu[..., 1500:])
+    assert got.is_contiguous() and rel_err(got, fn.silu_mul_ref(gu[..., :1500], gu[..., 1500:])) < 1e-5
     x = torch.randn(2, 3, 2 * 64, generator=g).to(DEVICE)[..., :64]  # rows with a stride of 128
     w = torch.ones(64, device=DEVICE)
     assert rel_err(fn.rms_norm_modulate(x, w, 1e-6), fn.rms_norm_modulate_ref(x, w, 1e-6)) < 1e-5
@@ -128,11 +131,25 @@ def test_block_with_fused_norms_matches_the_eager_block():
         x = torch.randn(B, l, 96, device=DEVICE)
         ada = block.modulation(torch.randn(B, 96, device=DEVICE), None)
         cos, sin = (t.float().to(DEVICE) for t in rope_tables(torch.rand(l, 24) * 6))  # head dim 48
-        k, v = block.context_kv(torch.randn(B, S, 48, device=DEVICE))
+        context = torch.randn(B, S, 48, device=DEVICE)
+        k, v = block.context_kv(context)
         ref = block(x, ada, cos, sin, k, v)
         with fused_norms():
             got = block(x, ada, cos, sin, k, v)
-    assert rel_err(got, ref) < 1e-5
+            k_fused, _ = block.context_kv(context)
+        assert rel_err(got, ref) < 1e-5 and rel_err(k_fused, k) < 1e-5
+
+        # SwiGLU's gate and up weights packed into one tensor: one GEMM on the fused path, same block, same state
+        state = {n: t.clone() for n, t in block.state_dict().items()}
+        assert block.ffn._packed_weight() is None
+        block.ffn.pack_gate_up()
+        assert block.ffn._packed_weight() is not None
+        assert all(torch.equal(t, state[n]) for n, t in block.state_dict().items())
+        with fused_norms():
+            packed = block(x, ada, cos, sin, k, v)
+        assert rel_err(packed, ref) < 1e-5 and rel_err(block(x, ada, cos, sin, k, v), ref) < 1e-6
+        block.double()  # converts each weight on its own: unpacked, the fused path falls back to two GEMMs
+        assert block.ffn._packed_weight() is None
 
 
 @pytest.mark.parametrize("mode", ["scale_local", "block_causal"])
@@ -224,22 +241,32 @@ for dtype in ("fp32", "bf16", "fp16"):
     src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index(n),): v for n, v in consts.items()})
     assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8}).asm["cubin"]
     k = fn._silu_mul_kernel
-    sig = {"A": "*" + dtype, "B": "*" + dtype, "OUT": "*" + dtype, "n": "i32", "BLOCK": "constexpr"}
+    sig = {"A": "*" + dtype, "B": "*" + dtype, "OUT": "*" + dtype, "n_cols": "i32", "stride_a": "i32",
+           "stride_b": "i32", "BLOCK": "constexpr"}
     src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index("BLOCK"),): 1024})
     assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
     print("ok", dtype)
+from mindhier_rt.kernels import sampling as ks
+k = ks._draw_kernel
+sig = {n: ("*fp32" if n == "VALS" else "*fp64" if n == "TOP_P" else "*i64" if n.isupper() else "constexpr"
+           if n == "BLOCK_K" else "i32") for n in k.arg_names}
+src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index("BLOCK_K"),): 512})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+# the hash's products wrap in 32 bits and its shifts are logical, as fmix32 needs
+assert "mul.lo.s32" in ptx and "shr.u32" in ptx and "__nv_exp" in ptx, "unexpected hash/exp lowering"
+print("ok", "draw")
 """
 
 
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     """Ahead-of-time compile to sm_90 cubins in a subprocess (a process that imported Triton in interpreter mode
-    cannot compile): catches what the interpreter lets through."""
+    cannot compile): catches what the interpreter lets through. Also the token-draw kernel of kernels/sampling.py."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     if run.returncode == 3:
         pytest.skip(run.stdout.strip())
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.split() == ["ok", "fp32", "ok", "bf16", "ok", "fp16"]
+    assert run.stdout.split() == ["ok", "fp32", "ok", "bf16", "ok", "fp16", "ok", "draw"]
 
 
 @pytest.mark.gpu

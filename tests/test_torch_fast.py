@@ -76,6 +76,19 @@ def test_half_precision_image_decoder_stays_close(decoder_dtype, max_abs, tiny_v
     assert 0 < diff.max() < max_abs
 
 
+def test_channels_last_image_decoder_gives_the_same_images():
+    models = peaked_models("scale_local")
+    fast = FastTorchBackend(models, device="cpu")
+    f_hat = torch.randn(2, models.cfg.latent_dim, 4, 4)
+    nchw = fast.decode_image(f_hat)
+    fast.set_decoder_layout("channels_last")
+    assert models.vqvae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    nhwc = fast.decode_image(f_hat)
+    assert nhwc.is_contiguous() and (nhwc - nchw).abs().max() < 1e-5
+    with pytest.raises(ConfigError, match="decoder_layout"):
+        fast.set_decoder_layout("nhwc")
+
+
 def test_cpu_refuses_what_needs_cuda():
     models = peaked_models("scale_local")
     with pytest.raises(ConfigError, match="CUDA only"):

@@ -255,11 +255,30 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(width, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, width, bias=False)
 
+    def pack_gate_up(self) -> None:
+        """Keep the gate and up weights in one [2 * hidden, C] tensor whose halves are the two Parameters, so the
+        fused path projects both in one GEMM (the eager path and the state dict see two weights as before)."""
+        hidden = self.gate_proj.out_features
+        packed = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        self.gate_proj.weight.data, self.up_proj.weight.data = packed[:hidden], packed[hidden:]
+
+    def _packed_weight(self) -> Tensor | None:
+        """The [2 * hidden, C] view over both weights if they are still packed (a later ``.to()`` unpacks them)."""
+        g, u = self.gate_proj.weight, self.up_proj.weight
+        if g.is_contiguous() and u.is_contiguous() and u.data_ptr() == g.data_ptr() + g.numel() * g.element_size():
+            return g.as_strided((2 * g.shape[0], g.shape[1]), (g.shape[1], 1))
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         if _FUSED_NORMS.get():
             from mindhier_rt.kernels.fused_norm import silu_mul
 
-            return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+            packed = self._packed_weight()
+            if packed is None:
+                return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
+            gu = F.linear(x, packed)
+            hidden = self.gate_proj.out_features
+            return self.down_proj(silu_mul(gu[..., :hidden], gu[..., hidden:]))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -296,7 +315,7 @@ class SwittiBlock(nn.Module):
         return self.ada_lin(cond_BC).view(-1, 6, self.width)
 
     def context_kv(self, context_BSD: Tensor) -> tuple[Tensor, Tensor]:
-        return self.cross_attn.context_kv(self.attention_y_norm(context_BSD))
+        return self.cross_attn.context_kv(norm_modulate(self.attention_y_norm, context_BSD))
 
     def forward(
         self,

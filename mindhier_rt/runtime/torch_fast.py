@@ -13,7 +13,9 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
 - The elementwise chains between a block's matmuls (sandwich RMSNorms, AdaLN modulation, residual adds,
   SwiGLU's gate, q/k LayerNorm + rotation + cache write) run as six fused Triton kernels per block
   (``mindhier_rt.kernels.fused_norm``, ``models.blocks.fused_norms``) instead of about 70 small PyTorch
-  kernels: ``fused=True``, the default on CUDA with Triton.
+  kernels; SwiGLU's gate and up projections are packed into one GEMM; the context step's RMSNorms are fused
+  too; each scale's token draw after the sort is one Triton kernel instead of about 130
+  (``mindhier_rt.kernels.sampling``). All of it is ``fused=True``, the default on CUDA with Triton.
 - The other phases are CUDA graphs too (``GraphedCall``, one per call signature): the encoder, the context
   step (writing straight into the scan's buffers), each scale's guidance combine + token draw
   (``choose_tokens``, which the decode loop calls through the backend), each scale's f_hat update and the
@@ -24,6 +26,7 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
   autocast in ``decoder_dtype``: float16 by default on CUDA (float32 on the CPU). On the tiny and small presets
   (random weights, CPU autocast) float16 decoding stays within 0.0085 (about 2/255) of float32 in every pixel,
   bfloat16 within 0.068 (``benchmarks/decoder_precision.py``, ``benchmarks/results/decoder_precision_cpu.md``).
+  ``decoder_layout="channels_last"`` lays the decoder out NHWC (unmeasured on a GPU so far, so not the default).
 
 On the CPU the backend falls back cleanly: float32, no CUDA graphs, SDPA, but the same static-buffer code path,
 so its bookkeeping is tested here against the eager backend (identical tokens). The backend casts and moves the
@@ -32,6 +35,7 @@ given models in place: pass a copy to keep an eager float32 reference in the sam
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +46,7 @@ from torch import Tensor
 
 from mindhier_rt.errors import ConfigError, InputError
 from mindhier_rt.models.attention import AttentionMode, attention_mode
-from mindhier_rt.models.blocks import SelfKVCache, fused_norms
+from mindhier_rt.models.blocks import SelfKVCache, SwiGLU, fused_norms
 from mindhier_rt.models.generator import ScaleGenerator, ScanState
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.runtime.torch_backend import TorchBackend, cast_condition
@@ -51,15 +55,17 @@ from mindhier_rt.sampling import SamplingConfig, choose_tokens
 log = logging.getLogger(__name__)
 
 HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+DECODER_LAYOUTS = ("nchw", "channels_last")
 
 
 def _has_triton() -> bool:
     try:
         from mindhier_rt.kernels.fused_norm import HAS_TRITON as fused_ok
+        from mindhier_rt.kernels.sampling import HAS_TRITON as draw_ok
         from mindhier_rt.kernels.scale_attention import HAS_TRITON
     except ImportError:
         return False
-    return bool(HAS_TRITON and fused_ok)
+    return bool(HAS_TRITON and fused_ok and draw_ok)
 
 
 class StaticScan:
@@ -236,6 +242,7 @@ class FastTorchBackend(TorchBackend):
         attention: AttentionMode | None = None,
         fused: bool | None = None,
         decoder_dtype: str | None = None,
+        decoder_layout: str = "nchw",
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         cuda = self.device.type == "cuda"
@@ -260,7 +267,7 @@ class FastTorchBackend(TorchBackend):
         self.dtype = HALF_DTYPES[dtype]
         if not cuda:
             log.info(
-                "fast backend on %s: float32, static buffers, no CUDA graphs, %s attention, fused norms %s",
+                "fast backend on %s: float32, static buffers, no CUDA graphs, %s attention, fused kernels %s",
                 self.device,
                 attention,
                 "on" if fused else "off",
@@ -269,13 +276,19 @@ class FastTorchBackend(TorchBackend):
         if decoder_dtype not in HALF_DTYPES:
             raise ConfigError(f"decoder_dtype must be one of {sorted(HALF_DTYPES)}, got {decoder_dtype!r}")
         self.decoder_dtype = HALF_DTYPES[decoder_dtype]
+        if decoder_layout not in DECODER_LAYOUTS:
+            raise ConfigError(f"decoder_layout must be one of {DECODER_LAYOUTS}, got {decoder_layout!r}")
         super().__init__(models, self.device, self.dtype)  # moves the models, casts encoder + generator
         models.vqvae.float()
+        self.set_decoder_layout(decoder_layout)
+        for block in models.generator.blocks:  # SwiGLU's gate and up projections as one GEMM (fused path)
+            if isinstance(getattr(block, "ffn", None), SwiGLU):
+                block.ffn.pack_gate_up()
         self._scans: dict[int, StaticScan] = {}
         graphs = self.cuda_graphs
         self._encode = GraphedCall(self._encode_eager, "encode", graphs)
         self._prepare = GraphedCall(self._prepare_eager, "context step", graphs)
-        self._choose = GraphedCall(choose_tokens, "token choice", graphs)
+        self._choose = GraphedCall(functools.partial(choose_tokens, fused=self.fused), "token choice", graphs)
         self._update = GraphedCall(self.models.vqvae.update_fhat, "f_hat update", graphs)
         self._decode = GraphedCall(self._decode_eager, "VQ decoder", graphs)
 
@@ -284,20 +297,39 @@ class FastTorchBackend(TorchBackend):
             self._scans[rows] = StaticScan(self.models.generator, rows, self.cuda_graphs, self.attention, self.fused)
         return self._scans[rows]
 
+    def set_decoder_layout(self, layout: str) -> None:
+        """Lay the image decoder's convolution weights (and its input) out as ``"nchw"`` or ``"channels_last"``
+        (NHWC, what cuDNN's half-precision kernels read without a transpose). Not yet measured on a GPU, so off by
+        default; ``benchmarks/gpu_bench.py`` times both. Changing it drops the decoder's captured graphs."""
+        if layout not in DECODER_LAYOUTS:
+            raise ConfigError(f"decoder_layout must be one of {DECODER_LAYOUTS}, got {layout!r}")
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        vq = self.models.vqvae
+        for module in (vq.post_quant_conv, vq.decoder):
+            module.to(memory_format=fmt)
+        self.decoder_layout = layout
+        if hasattr(self, "_decode"):
+            self._decode = GraphedCall(self._decode_eager, "VQ decoder", self.cuda_graphs)
+
     # ---- eager bodies of the graphed phases -----------------------------------------------------------
     def _encode_eager(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
         out = self.models.encoder(voxels_BV, subject)
         return out.pooled_BD, out.context_BSD()
 
     def _prepare_eager(self, cond: Tensor, context_BSD: Tensor | None, rows: int) -> None:
-        self._scan(rows).load(self.models.generator.prepare(cond, context_BSD, self_cache=False))
+        with fused_norms(self.fused):  # the context's RMSNorm of every block
+            self._scan(rows).load(self.models.generator.prepare(cond, context_BSD, self_cache=False))
 
     def _decode_eager(self, f_hat_BEhw: Tensor) -> Tensor:
+        if self.decoder_layout == "channels_last":
+            f_hat_BEhw = f_hat_BEhw.contiguous(memory_format=torch.channels_last)
         if self.decoder_dtype == torch.float32:
-            return self.models.vqvae.fhat_to_img(f_hat_BEhw)
-        # autocast's weight cache off: required under CUDA graph capture
-        with torch.autocast(self.device.type, dtype=self.decoder_dtype, cache_enabled=False):
-            return self.models.vqvae.fhat_to_img(f_hat_BEhw).float()
+            img_B3HW = self.models.vqvae.fhat_to_img(f_hat_BEhw)
+        else:
+            # autocast's weight cache off: required under CUDA graph capture
+            with torch.autocast(self.device.type, dtype=self.decoder_dtype, cache_enabled=False):
+                img_B3HW = self.models.vqvae.fhat_to_img(f_hat_BEhw).float()
+        return img_B3HW.contiguous()
 
     # ---- the decode contract ---------------------------------------------------------------------
     # empty_fhat is the eager backend's.
@@ -325,8 +357,8 @@ class FastTorchBackend(TorchBackend):
 
     @torch.inference_mode()
     def step(self, i: int, state: FastState, x_BlE: Tensor | None) -> Tensor:
-        # a copy: the graph's output buffer is overwritten by the next replay
-        return state.scan.run(i, x_BlE).float().clone()
+        # one float32 copy: the graph's output buffer is overwritten by the next replay
+        return state.scan.run(i, x_BlE).to(torch.float32, copy=True)
 
     @torch.inference_mode()
     def choose_tokens(
