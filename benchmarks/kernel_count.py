@@ -20,10 +20,12 @@ ops whose CUDA and CPU implementations split differently (e.g. a fused addmm on 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import os
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -60,8 +62,9 @@ class KernelCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _count_triton(counter: KernelCounter) -> None:
-    """Wrap the interpreter's launch so each Triton kernel counts once and its internals not at all."""
+@contextlib.contextmanager
+def counting_triton(counter: KernelCounter) -> Iterator[None]:
+    """Inside: the interpreter's launch counts each Triton kernel once and its internals not at all."""
     from triton.runtime.interpreter import InterpretedFunction
 
     original = InterpretedFunction.run
@@ -75,6 +78,10 @@ def _count_triton(counter: KernelCounter) -> None:
             counter.paused -= 1
 
     InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
 
 
 def narrow_config(name: str) -> Any:
@@ -131,8 +138,8 @@ def main() -> None:
         raise SystemExit("run with TRITON_INTERPRET=1 (the Triton kernels run in the interpreter on the CPU)")
     cfg = narrow_config(a.preset)
     counter = KernelCounter()
-    _count_triton(counter)
-    result = {fused: count_decode(cfg, fused, counter) for fused in (False, True)}
+    with counting_triton(counter):
+        result = {fused: count_decode(cfg, fused, counter) for fused in (False, True)}
     per_step_names = {n: c for (ph, n), c in counter.names.items() if ph == "step"}  # of the last (fused) run
 
     n_scales, depth = cfg.schedule.n_scales, cfg.generator.depth
