@@ -1,11 +1,11 @@
 """The token draw in one Triton kernel: float64 softmax, top-p prefix, counter-based uniform, inverse CDF.
 
 ``sampling.sample_tokens`` turns each position's stable descending order of the logits (top-k kept) into a
-token with about 130 small PyTorch ops: the counter hash alone is four fmix32 rounds of eight int64 ops each
-(32 x 32-bit products need 16-bit halves in int64), then exp, cumsum, the top-p prefix, gathers. On a GPU each
-op is a kernel of at least ~2 us even inside a CUDA graph, so per scale that is a quarter of a millisecond of
-kernel minimums for a few microseconds of work. Here the steps after the sort are one program per token
-position:
+token with about 110 small PyTorch ops after the sort (``benchmarks/kernel_count.py``): the counter hash alone
+is four fmix32 rounds of about 22 int64 ops each (a 32 x 32-bit product takes eight, on 16-bit halves), then
+exp, cumsum, the top-p prefix, gathers. On a GPU each op is a kernel of at least ~2 us even inside a CUDA graph,
+so per scale that is about 0.2 ms of kernel minimums for a few microseconds of work. Here the steps after the
+sort are one program per token position:
 
     draw_sorted(top_Nlk, order_Nlk, top_p, seed, scan_N, sample_N, scale)   -> int64 [N, l]
 

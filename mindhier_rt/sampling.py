@@ -283,7 +283,7 @@ def sample_tokens(
     Logits must be finite (-inf is allowed where each row keeps one finite value).
 
     ``fused=True`` draws from the sorted values with one Triton kernel per scale
-    (``mindhier_rt.kernels.sampling.draw_sorted``: the same rule, about 130 fewer kernels per scale on a GPU);
+    (``mindhier_rt.kernels.sampling.draw_sorted``: the same rule, about 110 fewer kernels per scale);
     greedy decoding, k > ``MAX_K`` and float64 logits keep the PyTorch code.
     """
     if logits_NlV.dim() != 3:

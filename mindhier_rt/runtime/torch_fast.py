@@ -14,7 +14,7 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
   SwiGLU's gate, q/k LayerNorm + rotation + cache write) run as six fused Triton kernels per block
   (``mindhier_rt.kernels.fused_norm``, ``models.blocks.fused_norms``) instead of about 70 small PyTorch
   kernels; SwiGLU's gate and up projections are packed into one GEMM; the context step's RMSNorms are fused
-  too; each scale's token draw after the sort is one Triton kernel instead of about 130
+  too; each scale's token draw after the sort is one Triton kernel instead of about 110
   (``mindhier_rt.kernels.sampling``). All of it is ``fused=True``, the default on CUDA with Triton.
 - The other phases are CUDA graphs too (``GraphedCall``, one per call signature): the encoder, the context
   step (writing straight into the scan's buffers), each scale's guidance combine + token draw
