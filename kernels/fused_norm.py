@@ -1,11 +1,12 @@
 """Fused RMSNorm chains of the Switti block in Triton, with PyTorch references of the same signatures.
 
-A Switti block (``models.blocks.SwittiBlock``) wraps each of its three sub-layers in sandwich RMSNorms and
-AdaLN modulation. Written as PyTorch ops, one block is about 70 small elementwise kernels in half precision
-(each RMSNorm alone is a float32 cast, square, mean, add, sqrt, divide, gain cast, multiply and cast back): the
-H200 profile counted about 2,000 per step of mindhier-512's 30 blocks, and those kernels, not the GEMMs, bound
-the small scales of the fast backend (``benchmarks/results/gpu_h200/README.md``). The block's elementwise work
-between its matmuls is four row-wise norm chains, SwiGLU's gate and self-attention's prologue, six kernels here:
+A Switti block (``models.blocks.SwittiBlock``) wraps each of its three sub-layers in sandwich RMSNorms and AdaLN
+modulation. Written as PyTorch ops, one block is about 75 small elementwise kernels in half precision
+(``benchmarks/kernel_count.py``: 83 kernels per block, 7 GEMMs and 2 attentions among them; each RMSNorm alone is a
+float32 cast, square, mean, add, sqrt, divide, gain cast, multiply and cast back): the H200 profile counted about
+2,000 per step of mindhier-512's 30 blocks, and those kernels, not the GEMMs, bound the small scales of the fast
+backend (``benchmarks/results/gpu_h200/README.md``). The block's elementwise work between its matmuls is four
+row-wise norm chains, SwiGLU's gate and self-attention's prologue, six kernels here:
 
     rms_norm_modulate(x, w, eps, scale, shift)      RMSNorm(x) * w * (1 + scale) + shift   (before self-attn)
     residual_rms_norm(x, h, w, eps, gate,           x' = x + RMSNorm(h) * w * gate         (after a sub-layer)
@@ -16,14 +17,14 @@ between its matmuls is four row-wise norm chains, SwiGLU's gate and self-attenti
                  cache, offset)                     the rotation, k and v written into the cache at offset
 
 ``scale``, ``shift`` and ``gate`` are per batch row, [B, 1, C] (AdaLN vectors); x and h are [B, l, C]. The
-``*_ref`` functions compute the same results with the model's own PyTorch code (``models.blocks.rms_norm``),
-which is what the block runs when fusion is off; ``models.blocks.fused_norms`` switches the block to these
-kernels, as the fast backend does on CUDA.
+``*_ref`` functions are the model's own PyTorch code (``models.blocks.rms_norm_modulate_eager``,
+``residual_rms_norm_eager``, ``qk_heads``), which is what the block runs when fusion is off;
+``models.blocks.fused_norms`` switches the block to these kernels, as the fast backend does on CUDA.
 
 Numerics: the kernels compute in float32 and round once to the input dtype at each output. The references
 round the way the eager model does (the RMSNorm output is cast back to the input dtype before modulation),
 so in float32 the two agree to float32 rounding (different summation order), and in bfloat16/float16 the
-kernels are the more accurate of the two (tests: ``tests/test_kernels.py``).
+kernels are the more accurate of the two (tests: ``tests/test_fused_norm.py``).
 
 Backends as in ``scale_attention``: CUDA tensors run compiled kernels; CPU tensors run only under Triton's
 interpreter (``TRITON_INTERPRET=1`` before import), in float32. Without Triton the references still work and
@@ -38,6 +39,7 @@ from torch import Tensor
 
 from mindhier_rt.errors import ConfigError
 from mindhier_rt.kernels import import_triton, require_runnable
+from mindhier_rt.models.blocks import qk_heads, residual_rms_norm_eager, rms_norm_modulate_eager
 
 triton, tl, HAS_TRITON, _TRITON_MISSING = import_triton()  # optional: reported when a kernel is used
 
@@ -165,33 +167,8 @@ else:
 
 
 # ---- references: the model's own arithmetic --------------------------------------------------------------
-def rms_norm_modulate_ref(
-    x_BlC: Tensor, weight_C: Tensor, eps: float, scale_B1C: Tensor | None = None, shift_B1C: Tensor | None = None
-) -> Tensor:
-    from mindhier_rt.models.blocks import rms_norm
-
-    y = rms_norm(x_BlC, weight_C, eps)
-    return y if scale_B1C is None else y * (1 + scale_B1C) + shift_B1C
-
-
-def residual_rms_norm_ref(
-    x_BlC: Tensor,
-    h_BlC: Tensor,
-    weight_C: Tensor,
-    eps: float,
-    gate_B1C: Tensor | None = None,
-    next_weight_C: Tensor | None = None,
-    next_eps: float | None = None,
-    next_scale_B1C: Tensor | None = None,
-    next_shift_B1C: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    from mindhier_rt.models.blocks import rms_norm
-
-    y = rms_norm(h_BlC, weight_C, eps)
-    x_BlC = x_BlC + (y if gate_B1C is None else y * gate_B1C)
-    if next_weight_C is None:
-        return x_BlC, None
-    return x_BlC, rms_norm_modulate_ref(x_BlC, next_weight_C, next_eps, next_scale_B1C, next_shift_B1C)
+rms_norm_modulate_ref = rms_norm_modulate_eager
+residual_rms_norm_ref = residual_rms_norm_eager
 
 
 def qk_norm_rope_ref(
@@ -203,22 +180,13 @@ def qk_norm_rope_ref(
     cache: tuple[Tensor, Tensor] | None = None,
     offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Self-attention's q, k, v [B, H, ., c] from the fused projection viewed [B, l, 3, C]: non-affine LayerNorm
-    of q and k over the full width, the rotation of ``models.blocks.apply_rope``, heads split. With ``cache``
-    (the K and V buffers [B, H, L, c] of a ``SelfKVCache``) k and v are written at ``offset`` and the returned
-    k, v are the buffers up to and including this scale."""
-    from mindhier_rt.models.blocks import apply_rope, layer_norm_no_affine
-
-    B, l, _, C = qkv_Bl3C.shape
-    c = C // heads
-    qk_Bl2C = layer_norm_no_affine(qkv_Bl3C[:, :, :2], C, eps)
-    qk_Bl2Hc = apply_rope(qk_Bl2C.view(B, l, 2, heads, c), cos_lc[:, None, None], sin_lc[:, None, None])
-    q, k = qk_Bl2Hc.permute(2, 0, 3, 1, 4).unbind(0)
-    v = qkv_Bl3C[:, :, 2].view(B, l, heads, c).transpose(1, 2)
+    """``models.blocks.qk_heads``; with ``cache`` (the K and V buffers [B, H, L, c] of a ``SelfKVCache``) k and v
+    are written at ``offset`` and the returned k, v are the buffers up to and including this scale."""
+    q, k, v = qk_heads(qkv_Bl3C, cos_lc, sin_lc, heads, eps)
     if cache is None:
         return q, k, v
     k_all, v_all = cache
-    end = offset + l
+    end = offset + qkv_Bl3C.shape[1]
     k_all[:, :, offset:end] = k
     v_all[:, :, offset:end] = v
     return q, k_all[:, :, :end], v_all[:, :, :end]

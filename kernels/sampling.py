@@ -34,15 +34,7 @@ from torch import Tensor
 
 from mindhier_rt.errors import ConfigError
 from mindhier_rt.kernels import import_triton, require_runnable
-from mindhier_rt.sampling import (
-    FMIX_C1,
-    FMIX_C2,
-    HASH_IV,
-    MASK32,
-    _fmix32_int,
-    draw_from_sorted,
-    uniforms,
-)
+from mindhier_rt.sampling import FMIX_C1, FMIX_C2, draw_from_sorted, seed_hash, uniforms
 
 triton, tl, HAS_TRITON, _TRITON_MISSING = import_triton()  # optional: reported when a kernel is used
 
@@ -109,13 +101,6 @@ else:
     _INTERPRETED = False
 
 
-def _seed_hash(seed: int) -> int:
-    """The hash state after the two seed words (the same for every position)."""
-    if not (isinstance(seed, int) and 0 <= seed < 2**64):
-        raise ConfigError(f"seed must be an int with 0 <= seed < 2**64, got {seed!r}")
-    return _fmix32_int(_fmix32_int(HASH_IV ^ (seed & MASK32)) ^ (seed >> 32))
-
-
 def _check(top_Nlk: Tensor, order_Nlk: Tensor, scan_N: Tensor, sample_N: Tensor) -> tuple[int, int, int]:
     if top_Nlk.dim() != 3 or order_Nlk.shape != top_Nlk.shape:
         raise ConfigError(
@@ -159,7 +144,7 @@ def draw_sorted(
     block = triton.next_power_of_2(k)
     _draw_kernel[(N * n_tok,)](
         vals_Pk, order_Pk, scan_N.to(torch.int64).contiguous(), sample_N.to(torch.int64).contiguous(), top_p_t,
-        out, k, n_tok, vals_Pk.stride(0), order_Pk.stride(0), _seed_hash(seed), int(scale),
+        out, k, n_tok, vals_Pk.stride(0), order_Pk.stride(0), seed_hash(seed), int(scale),
         BLOCK_K=block, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out

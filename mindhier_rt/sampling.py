@@ -33,6 +33,7 @@ __all__ = [
     "guidance_weight",
     "hash_key",
     "sample_tokens",
+    "seed_hash",
     "uniforms",
 ]
 
@@ -202,11 +203,16 @@ def _ids_tensor(name: str, ids: torch.Tensor | Sequence[int], device: torch.devi
     return ids_N if device is None else ids_N.to(device)
 
 
+def seed_hash(seed: int) -> int:
+    """The hash state after the two seed words: the same for every position of a stream, so computed once on the
+    host (by ``uniforms`` and by the draw kernel of ``kernels/sampling.py``)."""
+    _check_seed(seed)
+    return _fmix32_int(_fmix32_int(HASH_IV ^ (seed & MASK32)) ^ (seed >> 32))
+
+
 def _hash_grid(seed: int, scan_N: torch.Tensor, sample_N: torch.Tensor, scale: int, n_tokens: int) -> torch.Tensor:
     """int64 [N, n_tokens] hashes h in [0, 2**32) of keys (seed, scan_N, sample_N, scale, 0..n_tokens-1)."""
-    h = _fmix32_int(HASH_IV ^ (seed & MASK32))
-    h = _fmix32_int(h ^ (seed >> 32))  # same for every row: computed on the host, no device work
-    h_N = _fmix32(h ^ scan_N)
+    h_N = _fmix32(seed_hash(seed) ^ scan_N)
     h_N = _fmix32(h_N ^ sample_N)
     h_N = _fmix32(h_N ^ scale)
     token_l = torch.arange(n_tokens, dtype=torch.int64, device=scan_N.device)

@@ -69,14 +69,41 @@ def fused_norms(enabled: bool = True) -> Iterator[None]:
         _FUSED_NORMS.reset(token)
 
 
-def norm_modulate(norm: RMSNorm, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
-    """norm(x), then * (1 + scale) + shift when given (AdaLN)."""
-    if _FUSED_NORMS.get():
-        from mindhier_rt.kernels.fused_norm import rms_norm_modulate
+def rms_norm_modulate_eager(
+    x_BlC: Tensor, weight_C: Tensor, eps: float, scale_B1C: Tensor | None = None, shift_B1C: Tensor | None = None
+) -> Tensor:
+    """RMSNorm(x) * weight, then * (1 + scale) + shift when given (AdaLN): the PyTorch form, which the exported
+    graphs contain and ``kernels.fused_norm.rms_norm_modulate`` (same signature) is held to."""
+    y_BlC = rms_norm(x_BlC, weight_C, eps)
+    return y_BlC if scale_B1C is None else y_BlC * (1 + scale_B1C) + shift_B1C
 
-        return rms_norm_modulate(x, norm.weight, norm.eps, scale, shift)
-    y = norm(x)
-    return y if scale is None else y * (1 + scale) + shift
+
+def residual_rms_norm_eager(
+    x_BlC: Tensor,
+    h_BlC: Tensor,
+    weight_C: Tensor,
+    eps: float,
+    gate_B1C: Tensor | None = None,
+    next_weight_C: Tensor | None = None,
+    next_eps: float | None = None,
+    next_scale_B1C: Tensor | None = None,
+    next_shift_B1C: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """x' = x + RMSNorm(h) * weight [* gate], and ``rms_norm_modulate_eager(x', next_weight, ...)`` when
+    ``next_weight_C`` is given: the PyTorch form of ``kernels.fused_norm.residual_rms_norm`` (same signature)."""
+    y_BlC = rms_norm(h_BlC, weight_C, eps)
+    x_BlC = x_BlC + (y_BlC if gate_B1C is None else y_BlC * gate_B1C)
+    if next_weight_C is None:
+        return x_BlC, None
+    return x_BlC, rms_norm_modulate_eager(x_BlC, next_weight_C, next_eps, next_scale_B1C, next_shift_B1C)
+
+
+def norm_modulate(norm: RMSNorm, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
+    """norm(x), then * (1 + scale) + shift when given (AdaLN); one Triton kernel under ``fused_norms``."""
+    fn = rms_norm_modulate_eager
+    if _FUSED_NORMS.get():
+        from mindhier_rt.kernels.fused_norm import rms_norm_modulate as fn
+    return fn(x, norm.weight, norm.eps, scale, shift)
 
 
 def residual_norm(
@@ -88,22 +115,32 @@ def residual_norm(
     then_scale: Tensor | None = None,
     then_shift: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """x + norm(h) [* gate], and the next sub-layer's input ``norm_modulate(then, x', ...)`` when ``then`` is given."""
+    """x + norm(h) [* gate], and the next sub-layer's input ``norm_modulate(then, x', ...)`` when ``then`` is given;
+    one Triton kernel under ``fused_norms``."""
+    fn = residual_rms_norm_eager
     if _FUSED_NORMS.get():
-        from mindhier_rt.kernels.fused_norm import residual_rms_norm
-
-        return residual_rms_norm(
-            x, h, norm.weight, norm.eps, gate, None if then is None else then.weight,
-            None if then is None else then.eps, then_scale, then_shift,
-        )  # fmt: skip
-    y = norm(h)
-    x = x + (y if gate is None else y * gate)
-    return x, (None if then is None else norm_modulate(then, x, then_scale, then_shift))
+        from mindhier_rt.kernels.fused_norm import residual_rms_norm as fn
+    then_weight, then_eps = (None, None) if then is None else (then.weight, then.eps)
+    return fn(x, h, norm.weight, norm.eps, gate, then_weight, then_eps, then_scale, then_shift)
 
 
 def layer_norm_no_affine(x: Tensor, width: int, eps: float) -> Tensor:
     """LayerNorm over the last axis without gain or bias (``width`` is passed so tracers see a constant)."""
     return F.layer_norm(x, (width,), eps=eps)
+
+
+def qk_heads(qkv_Bl3C: Tensor, cos_lc: Tensor, sin_lc: Tensor, heads: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Self-attention's q, k, v [B, H, l, c] from the fused projection viewed [B, l, 3, C]: non-affine LayerNorm
+    of q and k over the full width, the rotation (``apply_rope``), heads split. The PyTorch form of
+    ``kernels.fused_norm.qk_norm_rope`` (which also writes k and v into the cache)."""
+    B, l, _, C = qkv_Bl3C.shape
+    c = C // heads
+    # q and k share the LayerNorm (per row) and the rotation: one op each for both.
+    qk_Bl2C = layer_norm_no_affine(qkv_Bl3C[:, :, :2], C, eps)
+    qk_Bl2Hc = apply_rope(qk_Bl2C.view(B, l, 2, heads, c), cos_lc[:, None, None], sin_lc[:, None, None])
+    q, k = qk_Bl2Hc.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, l, c] each
+    v = qkv_Bl3C[:, :, 2].view(B, l, heads, c).transpose(1, 2)
+    return q, k, v
 
 
 # ---- 2D axial rotary embedding, real arithmetic ---------------------------------------------------
@@ -207,11 +244,7 @@ class SelfAttention(nn.Module):
             kv = None if cache is None else (cache.k_BHLc, cache.v_BHLc)
             q, k, v = qk_norm_rope(qkv_Bl3C, cos_lc, sin_lc, H, self.eps, kv, offset)  # k, v into the cache
             return self.proj(attention(q, k, v, mask_ll, 1 / math.sqrt(c)).transpose(1, 2).reshape(B, l, C))
-        # q and k share the LayerNorm (per row) and the rotation: one op each for both.
-        qk_Bl2C = layer_norm_no_affine(qkv_Bl3C[:, :, :2], C, self.eps)
-        qk_Bl2Hc = apply_rope(qk_Bl2C.view(B, l, 2, H, c), cos_lc[:, None, None], sin_lc[:, None, None])
-        q, k = qk_Bl2Hc.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, l, c] each
-        v = qkv_Bl3C[:, :, 2].view(B, l, H, c).transpose(1, 2)
+        q, k, v = qk_heads(qkv_Bl3C, cos_lc, sin_lc, H, self.eps)
         if cache is not None:
             k, v = cache.update(offset, k, v)
         o_BHlc = attention(q, k, v, mask_ll, 1 / math.sqrt(c))

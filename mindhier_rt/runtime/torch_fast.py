@@ -12,7 +12,7 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
   (``mindhier_rt.kernels.scale_attention``) when Triton is available, else SDPA.
 - The elementwise chains between a block's matmuls (sandwich RMSNorms, AdaLN modulation, residual adds,
   SwiGLU's gate, q/k LayerNorm + rotation + cache write) run as six fused Triton kernels per block
-  (``mindhier_rt.kernels.fused_norm``, ``models.blocks.fused_norms``) instead of about 70 small PyTorch
+  (``mindhier_rt.kernels.fused_norm``, ``models.blocks.fused_norms``) instead of about 75 small PyTorch
   kernels; SwiGLU's gate and up projections are packed into one GEMM; the context step's RMSNorms are fused
   too; each scale's token draw after the sort is one Triton kernel instead of about 110
   (``mindhier_rt.kernels.sampling``). All of it is ``fused=True``, the default on CUDA with Triton.
