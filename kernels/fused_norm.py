@@ -46,8 +46,9 @@ triton, tl, HAS_TRITON, _TRITON_MISSING = import_triton()  # optional: reported 
 MAX_WIDTH = 16384  # one program holds a whole row in registers
 
 if HAS_TRITON:
-
-    @triton.jit
+    # `tokens` and `offset` change with the scale: not specialised, so one compile serves every scale and no
+    # scale sees them as compile-time constants (Triton makes an integer equal to 1 one).
+    @triton.jit(do_not_specialize=("tokens",))
     def _norm_chain_kernel(
         H,  # [R, C] rows to normalise (the sub-layer output, or x itself when there is no residual)
         X,  # [R, C] residual stream (read when HAS_RES)
@@ -110,7 +111,7 @@ if HAS_TRITON:
         out = a / (1.0 + tl.exp(-a)) * b
         tl.store(OUT + row * n_cols + cols, out.to(OUT.dtype.element_ty), mask=valid)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=("tokens", "offset"))
     def _qk_norm_rope_kernel(
         QKV,  # [R, 3C] rows of the fused projection: q | k | v, each C = H * c wide
         COS,  # [tokens, c] rotary tables of this scale's tokens (contiguous)

@@ -54,7 +54,12 @@ if HAS_TRITON:
         x = (x * _C2).to(tl.uint32)
         return x ^ (x >> 16)
 
-    @triton.jit
+    # Arguments that change from launch to launch (per scale, per row count, per seed) are not specialised:
+    # Triton turns an integer equal to 1 into a compile-time constant, and `scale.to(...)` on a constant fails
+    # to compile (scale 1 did, on the first GPU). Not specialising them also gives one compile for every scale.
+    DRAW_PER_LAUNCH_ARGS = ("n_tok", "h_seed", "scale")
+
+    @triton.jit(do_not_specialize=DRAW_PER_LAUNCH_ARGS)
     def _draw_kernel(
         VALS,  # [P, >= k] sorted values of each position (descending), float32, unit stride along k
         ORDER,  # [P, >= k] their token indices, int64

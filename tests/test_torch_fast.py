@@ -104,11 +104,12 @@ def test_cpu_refuses_what_needs_cuda():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("mode", ["scale_local", "block_causal"])
-def test_cuda_graphs_float32_give_the_eager_tokens(mode, tiny_voxels):
+@pytest.mark.parametrize("attention", [None, "triton"])  # float32's default (SDPA) and the kernel
+def test_cuda_graphs_float32_give_the_eager_tokens(mode, attention, tiny_voxels):
     models = peaked_models(mode)
     eager = TorchBackend(copy.deepcopy(models), device="cuda")
-    fast = FastTorchBackend(models, device="cuda", dtype="float32", decoder_dtype="float32")
-    assert fast.cuda_graphs
+    fast = FastTorchBackend(models, device="cuda", dtype="float32", decoder_dtype="float32", attention=attention)
+    assert fast.cuda_graphs and fast.attention == (attention or "sdpa")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     for sampling in (SamplingConfig(seed=1), SamplingConfig(seed=2, cfg_stop=2)):

@@ -9,7 +9,10 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
   for a row count, after two warm-up runs on a side stream, and replayed afterwards: one launch per scale.
   The graphs stay valid across scans because the buffers do (a second decode of the same batch size replays).
 - Attention inside the graphs goes through the block-sparse Triton kernel
-  (``mindhier_rt.kernels.scale_attention``) when Triton is available, else SDPA.
+  (``mindhier_rt.kernels.scale_attention``) in half precision when Triton is available, else SDPA. In float32
+  the default is SDPA, as in the eager backend: the kernel's float32 dots are exact (no TF32, so that the tokens
+  equal eager's) and without tensor cores it is slower than SDPA (the H200 run of issue 14: fast float32
+  1,920 ms against eager float32 1,079 ms for mindhier-512 with the kernel).
 - The elementwise chains between a block's matmuls (sandwich RMSNorms, AdaLN modulation, residual adds,
   SwiGLU's gate, q/k LayerNorm + rotation + cache write) run as six fused Triton kernels per block
   (``mindhier_rt.kernels.fused_norm``, ``models.blocks.fused_norms``) instead of about 75 small PyTorch
@@ -255,7 +258,9 @@ class FastTorchBackend(TorchBackend):
             raise ConfigError("CUDA graphs need a CUDA device")
         self.cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
         if attention is None:
-            attention = "triton" if cuda and _has_triton() else "sdpa"
+            # The kernel's worth is tensor cores in half precision. In float32 it has to compute exact float32
+            # dots (ieee, no TF32) to keep the eager tokens, which is slower than SDPA's float32 kernels.
+            attention = "triton" if cuda and dtype != "float32" and _has_triton() else "sdpa"
         if attention == "triton" and not _has_triton():
             raise ConfigError("attention='triton' needs Triton: pip install triton (CUDA builds of torch bring it)")
         self.attention: AttentionMode = attention
