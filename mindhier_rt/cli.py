@@ -174,39 +174,9 @@ def build(
 
 
 def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, device: str, vae: Path | None = None):
-    """The backend for decode/profile: --ckpt (+ --vae for public generators) runs the torch reference, --engine a
-    bundle."""
-    if (ckpt is None) == (engine is None):
-        raise InputError("give exactly one of --ckpt CKPT (PyTorch reference) or --engine BUNDLE (exported graphs)")
-    backend = backend or ("torch" if ckpt is not None else "onnxruntime")
-    if backend == "torch":
-        if ckpt is None:
-            raise InputError("--backend torch runs a checkpoint: pass --ckpt instead of --engine")
-        from mindhier_rt.importers import load_models
-        from mindhier_rt.runtime.torch_backend import TorchBackend
+    from mindhier_rt.runtime.open import open_backend
 
-        return TorchBackend(load_models(ckpt, vae, device=device), device=device)
-    if backend == "torch-fast":
-        if ckpt is None:
-            raise InputError("--backend torch-fast runs a checkpoint: pass --ckpt instead of --engine")
-        from mindhier_rt.importers import load_models
-        from mindhier_rt.runtime.torch_fast import FastTorchBackend
-
-        return FastTorchBackend(load_models(ckpt, vae), device=device)
-    if backend == "onnxruntime":
-        if engine is None:
-            raise InputError("--backend onnxruntime runs a bundle: export one and pass --engine BUNDLE")
-        from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
-        return OnnxRuntimeBackend(engine, providers=providers)
-    if backend == "tensorrt":
-        if engine is None:
-            raise InputError("--backend tensorrt runs a bundle: export it, `mindhier-rt build` it, pass --engine")
-        from mindhier_rt.runtime.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(engine, device=device if device.startswith("cuda") else "cuda")
-    raise InputError(f"unknown backend {backend!r}; choose torch, torch-fast, onnxruntime or tensorrt")
+    return open_backend(ckpt, engine, backend, device, vae)
 
 
 @app.command()
@@ -837,6 +807,189 @@ def train_memory_cmd(
         _echo_json(est)
         return
     typer.echo(memory_table(cfg, est, batch_per_gpu, gpus, amp, grad_checkpoint, shard))
+
+
+# ---- serving -------------------------------------------------------------------------------------------
+def _gpu_ids(gpus: str | None, device: str) -> tuple[int, ...]:
+    if gpus:
+        try:
+            return tuple(int(g) for g in gpus.split(","))
+        except ValueError as e:
+            raise InputError(f"--gpus takes GPU ids like 0,1; got {gpus!r}") from e
+    if device.startswith("cuda"):
+        return (int(device.split(":")[1]),) if ":" in device else (0,)
+    return ()
+
+
+def _repository_spec(engine, ckpt, backend, device, gpus, max_batch, instances, max_samples):
+    from mindhier_rt.serve.repository import RepositorySpec
+    from mindhier_rt.serve.service import Limits
+
+    # a request's scans ride on Triton's batch axis, which max_batch bounds
+    limits = Limits(max_scans=max_batch, max_samples=max_samples, max_rows=max(max_samples, 16))
+    return RepositorySpec(
+        engine=engine, ckpt=ckpt, backend=backend, max_batch=max_batch, instances=instances,
+        gpus=_gpu_ids(gpus, device), limits=limits,
+    )  # fmt: skip
+
+
+ServeEngine = Annotated[Path | None, typer.Option("--engine", help="engine bundle (onnxruntime, tensorrt)")]
+ServeCkpt = Annotated[Path | None, typer.Option("--ckpt", help="checkpoint (torch, torch-fast)")]
+ServeBackend = Annotated[
+    str | None, typer.Option(help="onnxruntime (default for --engine), tensorrt, torch, torch-fast")
+]
+ServeGpus = Annotated[str | None, typer.Option(help="GPU ids for the model instances, e.g. 0,1 (default: CPU)")]
+ServeMaxBatch = Annotated[int, typer.Option(min=1, help="scans in one batch: of one request, or joined by the batcher")]
+ServeInstances = Annotated[int, typer.Option(min=1, help="model instances per GPU (or on the CPU)")]
+ServeMaxSamples = Annotated[int, typer.Option(min=1, help="most samples per scan a request may ask for")]
+
+
+@app.command()
+def serve(
+    engine: ServeEngine = None,
+    ckpt: ServeCkpt = None,
+    backend: ServeBackend = None,
+    device: Annotated[str, typer.Option(help="cpu, or cuda[:N] (the instances' GPU unless --gpus)")] = "cpu",
+    gpus: ServeGpus = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    grpc_port: Annotated[int, typer.Option(min=1, max=65535)] = 8001,
+    metrics_port: Annotated[int, typer.Option(min=1, max=65535)] = 8002,
+    max_batch: ServeMaxBatch = 8,
+    instances: ServeInstances = 1,
+    max_samples: ServeMaxSamples = 16,
+) -> None:
+    """Serve decodes from NVIDIA Triton Inference Server (HTTP, gRPC, metrics) until Ctrl-C or SIGTERM.
+
+    Models: `mindhier` (voxels + subject [+ seed, samples, cfg, ...] -> images, tokens; dynamic batching) and
+    `mindhier_progressive` (streams the image decoded so far after chosen scales, then the final image).
+    Needs `pip install 'mindhier-rt[serve]'`. See docs/serving.md.
+    """
+    import signal
+    import tempfile
+
+    from mindhier_rt.serve.repository import MODEL, PROGRESSIVE_MODEL, write_repository
+    from mindhier_rt.serve.server import Ports, start_server, wait_ready
+
+    spec = _repository_spec(engine, ckpt, backend, device, gpus, max_batch, instances, max_samples)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    with tempfile.TemporaryDirectory(prefix="mindhier-serve-") as work:
+        repo = write_repository(spec, Path(work) / "repository", copy=False)
+        server = start_server(repo, Ports(http_port, grpc_port, metrics_port), Path(work), host=host)
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            wait_ready(server, [MODEL, PROGRESSIVE_MODEL])
+            typer.echo(
+                f"serving {MODEL} and {PROGRESSIVE_MODEL} ({server.process.pid}): HTTP http://{host}:{http_port}, "
+                f"gRPC {host}:{grpc_port}, metrics http://{host}:{metrics_port}/metrics; Ctrl-C stops"
+            )
+            while stop["signal"] is None and server.process.poll() is None:
+                time.sleep(0.2)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            code = server.stop()  # finishes the requests in flight
+        if stop["signal"] is None:
+            raise MindhierError(f"tritonserver exited with code {code}:\n{server.log_tail()}")
+        typer.echo(f"stopped (tritonserver exit code {code})")
+
+
+@app.command("export-triton")
+def export_triton(
+    out: Annotated[Path, typer.Option("--out", help="new folder for the model repository")],
+    engine: ServeEngine = None,
+    ckpt: ServeCkpt = None,
+    backend: ServeBackend = None,
+    gpus: ServeGpus = None,
+    max_batch: ServeMaxBatch = 8,
+    instances: ServeInstances = 1,
+    max_samples: ServeMaxSamples = 16,
+) -> None:
+    """Write a model repository for the stock `tritonserver` container: the bundle (or checkpoint) inside it and
+    the two Python-backend models of `serve`; the container needs `pip install mindhier-rt[onnx]` (docs/serving.md)."""
+    from mindhier_rt.serve.repository import write_repository
+
+    spec = _repository_spec(engine, ckpt, backend, "cpu", gpus, max_batch, instances, max_samples)
+    repo = write_repository(spec, out, copy=True)
+    where = f"GPUs {list(spec.gpus)}" if spec.gpus else "the CPU"
+    typer.echo(f"wrote {repo}: models mindhier, mindhier_progressive ({instances} instance(s) on {where})")
+
+
+@app.command()
+def client(
+    url: Annotated[str, typer.Option(help="server address, e.g. 127.0.0.1:8000 (HTTP) or 127.0.0.1:8001 (gRPC)")],
+    fmri: Annotated[Path, typer.Option("--fmri", help="voxels: .npy / .npz / .h5, one row per scan")],
+    subject: Annotated[str, typer.Option("--subject", help="subject id, e.g. subj01")],
+    out: Annotated[Path, typer.Option("--out", help="output folder for the PNGs and decode.json")],
+    protocol: Annotated[str, typer.Option(help="http or grpc")] = "http",
+    samples: Annotated[int, typer.Option(min=1, help="samples per scan")] = 1,
+    seed: Annotated[int | None, typer.Option(min=0, help="seed of the token draws (default: the server's)")] = None,
+    cfg_scale: Annotated[float | None, typer.Option("--cfg", min=0.0, help="guidance scale")] = None,
+    cfg_stop: Annotated[int | None, typer.Option(help="switch guidance off from this 0-indexed scale on")] = None,
+    top_k: Annotated[int | None, typer.Option(min=0)] = None,
+    top_p: Annotated[float | None, typer.Option()] = None,
+    greedy: Annotated[bool | None, typer.Option("--greedy/--no-greedy", help="argmax instead of sampling")] = None,
+    previews: Annotated[
+        str | None, typer.Option(help="gRPC: stream each scan and also write previews after these scales, e.g. 2,5")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="requests in flight (the server batches them)")] = 4,
+    key: Annotated[str | None, typer.Option(help="array name inside .npz / .h5 files (default: voxels)")] = None,
+) -> None:
+    """Decode scans through a running `mindhier-rt serve` (or a stock server with the exported repository):
+    writes the PNGs and decode.json that `decode` writes for the same settings."""
+    import numpy as np
+
+    from mindhier_rt.io import atomic_write_bytes, finite_rows, png_bytes_uint8, read_voxels, write_json
+    from mindhier_rt.serve.client import RemoteDecoder, Settings
+
+    voxels = read_voxels(fmri, key=key)
+    settings = Settings(samples, seed, cfg_scale, cfg_stop, top_k, top_p, greedy)
+    remote = RemoteDecoder(url, protocol, concurrency)
+    sampling = remote.sampling_used(settings)
+    good = finite_rows(voxels)
+    skipped = [{"scan": int(i), "reason": "NaN or inf voxels"} for i in (~good).nonzero()[0]]
+    for s in skipped:
+        typer.echo(f"warning: scan {s['scan']}: {s['reason']}, skipped", err=True)
+    ids = good.nonzero()[0]
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    written: list[dict] = []
+
+    def write(scan: int, images_SHW3: np.ndarray, suffix: str = "") -> None:
+        for s in range(images_SHW3.shape[0]):
+            name = f"scan{scan:05d}{suffix}" + ("" if samples == 1 else f"_s{s}") + ".png"
+            atomic_write_bytes(out / name, png_bytes_uint8(images_SHW3[s]))
+            if not suffix:
+                written.append({"scan": int(scan), "sample": s, "file": name})
+
+    if previews is None:
+        images, _ = remote.decode(voxels[ids].astype(np.float32), subject, ids.astype(np.int64), settings)
+        for row, scan in enumerate(ids):
+            write(int(scan), images[row])
+    else:
+        wanted = [int(x) for x in previews.split(",") if x.strip()]
+        for scan in ids:
+            one = voxels[scan : scan + 1].astype(np.float32)
+            for scale, images, tokens in remote.stream(one, subject, int(scan), settings, wanted):
+                final = tokens.shape[-1] > 0  # previews carry no tokens
+                write(int(scan), images[0], suffix="" if final else f"_scale{scale}")
+    seconds = time.perf_counter() - t0
+    write_json(
+        out / "decode.json",
+        {
+            "ckpt": None, "engine": None, "server": url, "protocol": protocol,
+            "fmri": str(fmri), "fmri_resolved": str(fmri.resolve()), "key": key, "subject": subject,
+            "backend": f"triton ({protocol})", "sampling": sampling, "samples": samples, "images": written,
+            "pooled": None, "skipped": skipped, "seconds": round(seconds, 3),
+        },
+    )  # fmt: skip
+    typer.echo(f"decoded {len(ids)} scans ({len(skipped)} skipped) through {url} into {out} in {seconds:.1f} s")
+    if not len(ids):
+        raise typer.Exit(1)
 
 
 def main() -> None:

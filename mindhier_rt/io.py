@@ -151,9 +151,18 @@ def _to_uint8_hwc(chw: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(u8.transpose(1, 2, 0))
 
 
+def to_uint8_hwc(img: ImageLike) -> np.ndarray:
+    """A [3, H, W] (or [1, H, W]) image in [0, 1] as the uint8 [H, W, C] array its PNG holds."""
+    return _to_uint8_hwc(_to_chw(img))
+
+
 def png_bytes(img: ImageLike) -> bytes:
     """Encode a [3, H, W] (or [1, H, W]) image in [0, 1] as PNG bytes: no metadata, same input -> same bytes."""
-    hwc = _to_uint8_hwc(_to_chw(img))
+    return png_bytes_uint8(to_uint8_hwc(img))
+
+
+def png_bytes_uint8(hwc: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 [H, W, C] array (``to_uint8_hwc``'s output), as ``png_bytes`` writes them."""
     pil = Image.fromarray(hwc[:, :, 0] if hwc.shape[2] == 1 else hwc)
     buf = io.BytesIO()
     pil.save(buf, format="PNG", optimize=False, compress_level=6)

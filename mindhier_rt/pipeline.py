@@ -17,7 +17,7 @@ a scan do not depend on which other scans share its batch.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,10 @@ from mindhier_rt.runtime.base import DecodeBackend, host_threads
 from mindhier_rt.sampling import SamplingConfig, choose_tokens, guidance_active, guidance_weight
 
 log = logging.getLogger(__name__)
+
+
+# (scales after which to decode a preview, callback(scale, images [N, S, 3, H, W] on the CPU))
+Preview = tuple[Collection[int], Callable[[int, Tensor], None]]
 
 
 @dataclass
@@ -45,11 +49,14 @@ def reconstruct(
     samples: int = 1,
     scan_ids: Tensor | None = None,
     on_scale: Callable[[int], None] | None = None,
+    on_preview: Preview | None = None,
 ) -> Reconstruction:
     """Decode a batch of scans (all of one subject) with ``samples`` draws each.
 
     ``on_scale(i)`` is called once scale i's work is issued; on a GPU it may still be running (the loop does not
-    wait for the device until the image is copied back)."""
+    wait for the device until the image is copied back). ``on_preview`` = (scales, callback): after each of those
+    scales the image decoded from the prediction so far (f_hat after scale i) is passed to ``callback(i,
+    images_NS3HW)`` (on the CPU, like the final images); previews change nothing of the final result."""
     if backend.cfg.generator.condition != "fmri":
         raise InputError(
             f"model {backend.cfg.name} is class-conditional: decode class labels (--class-label), not voxels"
@@ -60,7 +67,7 @@ def reconstruct(
         null = None
         if guidance_active(sampling, 0):  # the null condition: the encoding of all-zero voxels
             null = backend.encode(torch.zeros_like(voxels_NV[:1], device=dev, dtype=torch.float32), subject)
-        rec = _decode(backend, cond, null, sampling, samples, scan_ids, on_scale)
+        rec = _decode(backend, cond, null, sampling, samples, scan_ids, on_scale, on_preview)
     rec.pooled_ND = cond[0].float().cpu()
     return rec
 
@@ -98,6 +105,7 @@ def _decode(
     samples: int,
     scan_ids: Tensor | None,
     on_scale: Callable[[int], None] | None,
+    on_preview: Preview | None = None,
 ) -> Reconstruction:
     """The loop shared by every condition: ``cond`` = (condition [N, ...], context [N, S, D] or None) of the
     conditional rows, ``null`` = the same for one unconditional row (used while guidance is on)."""
@@ -139,6 +147,9 @@ def _decode(
         tokens.append(idx_Rl.view(N, samples, -1))  # to the host after the loop: no device sync per scale
         if on_scale is not None:
             on_scale(i)
+        if on_preview is not None and i in on_preview[0] and i < sched.n_scales - 1:
+            preview = backend.decode_image(f_hat).float().cpu()
+            on_preview[1](i, preview.view(N, samples, *preview.shape[1:]))
     images = backend.decode_image(f_hat).float().cpu()
     tokens = [t.cpu() for t in tokens]
     return Reconstruction(images_NS3HW=images.view(N, samples, *images.shape[1:]), tokens=tokens)

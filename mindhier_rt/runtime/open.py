@@ -1,0 +1,53 @@
+"""One way to open a decode backend from what a user names: a checkpoint or an engine bundle, and a backend name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mindhier_rt.errors import InputError
+from mindhier_rt.runtime.base import DecodeBackend
+
+BACKENDS = ("torch", "torch-fast", "onnxruntime", "tensorrt")
+
+
+def open_backend(
+    ckpt: Path | None = None,
+    engine: Path | None = None,
+    backend: str | None = None,
+    device: str = "cpu",
+    vae: Path | None = None,
+) -> DecodeBackend:
+    """The backend that runs a checkpoint (``ckpt``, + ``vae`` for public generators: torch or torch-fast) or an
+    engine bundle (``engine``: onnxruntime or tensorrt); ``backend`` None picks torch or onnxruntime. Used by
+    ``decode``, ``profile`` and ``serve``."""
+    if (ckpt is None) == (engine is None):
+        raise InputError("give exactly one of --ckpt CKPT (PyTorch reference) or --engine BUNDLE (exported graphs)")
+    backend = backend or ("torch" if ckpt is not None else "onnxruntime")
+    if backend == "torch":
+        if ckpt is None:
+            raise InputError("--backend torch runs a checkpoint: pass --ckpt instead of --engine")
+        from mindhier_rt.importers import load_models
+        from mindhier_rt.runtime.torch_backend import TorchBackend
+
+        return TorchBackend(load_models(ckpt, vae, device=device), device=device)
+    if backend == "torch-fast":
+        if ckpt is None:
+            raise InputError("--backend torch-fast runs a checkpoint: pass --ckpt instead of --engine")
+        from mindhier_rt.importers import load_models
+        from mindhier_rt.runtime.torch_fast import FastTorchBackend
+
+        return FastTorchBackend(load_models(ckpt, vae), device=device)
+    if backend == "onnxruntime":
+        if engine is None:
+            raise InputError("--backend onnxruntime runs a bundle: export one and pass --engine BUNDLE")
+        from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        return OnnxRuntimeBackend(engine, providers=providers)
+    if backend == "tensorrt":
+        if engine is None:
+            raise InputError("--backend tensorrt runs a bundle: export it, `mindhier-rt build` it, pass --engine")
+        from mindhier_rt.runtime.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(engine, device=device if device.startswith("cuda") else "cuda")
+    raise InputError(f"unknown backend {backend!r}; choose torch, torch-fast, onnxruntime or tensorrt")
