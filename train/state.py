@@ -226,12 +226,12 @@ def _load_optimizer(
 
 def _load_scheduler(path: Path, sched, meta: Mapping[str, str], step: int) -> None:
     saved_steps = _json(path, meta, "train_config", dict).get("steps")
+    state = _json(path, meta, "scheduler", dict)
+    if state.get("last_epoch") != step:
+        raise CheckpointError(
+            f"{path}: expected the LR schedule at step {step}, found it at {state.get('last_epoch')!r}; {NO_RESUME}"
+        )
     if saved_steps == sched.total_steps or (isinstance(saved_steps, int) and max(saved_steps, 2) == sched.total_steps):
-        state = _json(path, meta, "scheduler", dict)
-        if state.get("last_epoch") != step:
-            raise CheckpointError(
-                f"{path}: expected the LR schedule at step {step}, found it at {state.get('last_epoch')!r}; {NO_RESUME}"
-            )
         try:
             sched.load_state_dict(state)
         except (KeyError, ValueError, TypeError) as e:
