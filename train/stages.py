@@ -69,11 +69,18 @@ class CodebookRestarts:
 
 
 def train_vqvae(
-    models: MindHier, images_N3HW: Tensor, tcfg: TrainConfig, run_dir: Path, resume: bool = True, progress: bool = True
+    models: MindHier,
+    images_N3HW: Tensor,
+    tcfg: TrainConfig,
+    run_dir: Path,
+    resume: bool = True,
+    progress: bool = True,
+    restart_every: int = 20,
 ) -> list[dict]:
-    """Reconstruction (MSE + L1) plus the codebook and commitment terms of ``MultiScaleVQVAE.forward``."""
+    """Reconstruction (MSE + L1) plus the codebook and commitment terms of ``MultiScaleVQVAE.forward``;
+    unused codes are re-seeded every ``restart_every`` steps (``CodebookRestarts``)."""
     vq = models.vqvae
-    restarts = CodebookRestarts(vq.quantize.embedding.num_embeddings)
+    restarts = CodebookRestarts(vq.quantize.embedding.num_embeddings, every=restart_every)
 
     def loss_fn(step: int) -> dict[str, Tensor]:
         rng = batch_rng(tcfg.seed, step)
