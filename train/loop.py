@@ -110,6 +110,8 @@ def train_loop(
     has already wrapped them for ``dist`` and calls the wrappers in ``loss_fn``. Every rank returns the same
     records (losses averaged over ranks).
     """
+    if tcfg.save_every < 1:
+        raise ConfigError(f"save_every must be >= 1 step, got {tcfg.save_every}")
     ctx = dist or DistContext()
     run_dir.mkdir(parents=True, exist_ok=True)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -122,8 +124,6 @@ def train_loop(
     )
     precision = _Precision(tcfg.amp, ctx.device, sharded=any(is_sharded(p) for p in params))
     path, log_path = state_path(run_dir, stage), run_dir / f"{stage}.log.jsonl"
-    if tcfg.save_every < 1:
-        raise ConfigError(f"save_every must be >= 1 step, got {tcfg.save_every}")
     aux = aux or {}
     start = 0
     if ctx.agree(resume and path.exists()):

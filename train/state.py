@@ -160,13 +160,12 @@ def _check_meta(path: Path, meta: Mapping[str, str], tcfg: TrainConfig) -> int:
     return step
 
 
-def _expected_shapes(
-    modules: Mapping[str, nn.Module], aux: Mapping[str, Stateful], device: torch.device
-) -> dict[str, tuple[int, ...]]:
-    """Every tensor name a state file must hold, with its shape (optimizer tensors are checked separately)."""
+def _expected_shapes(modules: Mapping[str, nn.Module], aux: Mapping[str, Stateful]) -> dict[str, tuple[int, ...]]:
+    """Every tensor name a state file must hold, with its shape (optimizer moments and the CUDA generator, which a
+    run on the CPU does not save, are checked separately)."""
     shapes = {f"model.{n}.{k}": tuple(v.shape) for n, m in modules.items() for k, v in m.state_dict().items()}
     shapes.update({f"aux.{n}.{k}": tuple(v.shape) for n, a in aux.items() for k, v in a.state_dict().items()})
-    shapes.update({k: tuple(v.shape) for k, v in _rng_tensors(device).items()})
+    shapes["rng.torch_cpu"] = tuple(torch.get_rng_state().shape)
     return shapes
 
 
@@ -180,7 +179,7 @@ def _check_names_and_shapes(
     ]
     unexpected = []
     for key, shape in listed.items():
-        if key in expected:
+        if key in expected or key == "rng.torch_cuda":
             continue
         parts = key.split(".", 2)
         if parts[0] != "opt" or len(parts) != 3 or not parts[1].isdigit() or parts[2] not in OPT_TENSOR_KEYS:
@@ -269,7 +268,7 @@ def load_state(
     step = _check_meta(path, header.metadata, tcfg)
     params = [p for group in opt.param_groups for p in group["params"]]
     listed = {k: spec.shape for k, spec in header.tensors.items()}
-    _check_names_and_shapes(path, listed, _expected_shapes(modules, aux, device), params)
+    _check_names_and_shapes(path, listed, _expected_shapes(modules, aux), params)
 
     current = {name: module.state_dict() for name, module in modules.items()}
     states: dict[str, dict[str, Tensor]] = {name: {} for name in modules}
@@ -306,7 +305,7 @@ def load_state(
         return step
     try:
         torch.set_rng_state(rng["rng.torch_cpu"])
-        if "rng.torch_cuda" in rng:
+        if "rng.torch_cuda" in rng and device.type == "cuda":  # none to set after a move between CPU and GPU
             torch.cuda.set_rng_state(rng["rng.torch_cuda"], device)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: expected torch generator states, found invalid ones ({e})") from e
