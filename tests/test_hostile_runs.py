@@ -202,22 +202,24 @@ def test_save_every_is_honoured(tmp_path, monkeypatch, cli):
 
 
 def test_sigterm_saves_state_and_stops(tmp_path, cli, monkeypatch):
-    handler = signal.getsignal(signal.SIGTERM)
     tcfg = TrainConfig(steps=8, batch_size=8, lr=1e-2, save_every=100, log_every=1)
-
-    def term_at_3(step: int) -> None:
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    with pytest.raises(TrainingInterrupted) as stopped:
-        _toy(tmp_path, tcfg, term_at_3)
-    assert stopped.value.signum == signal.SIGTERM and "after step 4 of 8" in str(stopped.value)
-    with safe_open(tmp_path / "toy.state.safetensors", "pt") as f:
-        assert f.metadata()["step"] == "4"  # saved on the signal, long before save_every
-    assert signal.getsignal(signal.SIGTERM) == handler  # the handlers are put back
-    layer, _ = _toy(tmp_path, tcfg)
     straight, _ = _toy(tmp_path / "straight", tcfg, resume=False)
-    assert torch.equal(layer.weight, straight.weight) and _log_steps(tmp_path / "toy.log.jsonl") == list(range(1, 9))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler, run = signal.getsignal(sig), tmp_path / sig.name
+
+        def signal_at_3(step: int, sig=sig) -> None:
+            if step == 3:
+                os.kill(os.getpid(), sig)
+
+        with pytest.raises(TrainingInterrupted) as stopped:
+            _toy(run, tcfg, signal_at_3)
+        assert stopped.value.signum == sig and f"stopped by {sig.name} after step 4 of 8" in str(stopped.value)
+        with safe_open(run / "toy.state.safetensors", "pt") as f:
+            assert f.metadata()["step"] == "4"  # saved on the signal, long before save_every
+        assert signal.getsignal(sig) == handler  # the handlers are put back
+        layer, _ = _toy(run, tcfg)
+        assert torch.equal(layer.weight, straight.weight) and torch.equal(layer.bias, straight.bias)
+        assert _log_steps(run / "toy.log.jsonl") == list(range(1, 9))
 
     # the command: a clean stop with one message and the shell's exit code for SIGTERM, then a resume
     data = tmp_path / "data"
