@@ -184,7 +184,7 @@ def _parse_metadata(p: Path, meta: Mapping[str, str] | None) -> CheckpointHeader
         raise CheckpointError(f"{p}: expected a 'config' entry in the metadata, found none")
     try:
         cfg_dict = json.loads(raw_cfg)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{p}: expected the config as JSON, found invalid JSON ({e})") from None
     if not isinstance(cfg_dict, dict):
         raise CheckpointError(f"{p}: expected the config as a JSON object, found {type(cfg_dict).__name__}")
@@ -205,7 +205,7 @@ def _parse_metadata(p: Path, meta: Mapping[str, str] | None) -> CheckpointHeader
     if "extra" in meta:
         try:
             extra = json.loads(meta["extra"])
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{p}: expected 'extra' metadata as JSON, found invalid JSON ({e})") from None
         if not isinstance(extra, dict):
             raise CheckpointError(f"{p}: expected 'extra' metadata as a JSON object, found {type(extra).__name__}")

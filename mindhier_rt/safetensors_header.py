@@ -86,7 +86,7 @@ def read_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTES
         raise _fail(path, str(e)) from e
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise _fail(path, f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise _fail(path, f"expected a JSON object as header, found {type(header).__name__}")

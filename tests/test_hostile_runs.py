@@ -270,6 +270,11 @@ def test_huge_config_header_is_refused_without_allocating(tmp_path, cli, tiny_vo
     with pytest.raises(CheckpointError, match=r"expected generator depth in 0\.\.256, found 1000000000"):
         MindHier.load(path, require=())
 
+    nested = {**_checkpoint_meta({}, "vqvae"), "config": "[" * 100_000 + "]" * 100_000}  # 200 kB of nesting
+    save_file({}, path, metadata=nested)
+    with pytest.raises(CheckpointError, match="expected the config as JSON, found invalid JSON"):
+        MindHier.load(path)
+
     bomb = tmp_path / "bomb.safetensors"
     bomb.write_bytes(struct.pack("<Q", 2**40) + b"{}")  # a header length of 1 TiB
     with pytest.raises(CheckpointError, match=r"expected a header of at most 2 bytes, found a length of 1099511627776"):

@@ -125,7 +125,7 @@ def save_state(
 def _json(path: Path, meta: Mapping[str, str], key: str, kind: type) -> Any:
     try:
         value = json.loads(meta[key])
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{path}: expected JSON in the state's {key!r} entry, found invalid JSON ({e})") from None
     if not isinstance(value, kind):
         raise CheckpointError(f"{path}: expected a JSON {kind.__name__} as {key!r}, found {type(value).__name__}")
