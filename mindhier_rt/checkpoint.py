@@ -12,8 +12,10 @@ header metadata (str -> str) holds:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from torch import nn
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.errors import CheckpointError, MindhierError
 from mindhier_rt.io import atomic_write
+from mindhier_rt.safetensors_header import TensorSpec, read_safetensors_header
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,13 @@ __all__ = [
     "FORMAT_VERSION",
     "PARTS",
     "Checkpoint",
+    "CheckpointHeader",
+    "check_header_shapes",
     "checkpoint_info",
     "load_part",
     "read_checkpoint",
+    "read_checkpoint_header",
+    "require_finite",
     "save_checkpoint",
 ]
 
@@ -66,11 +73,21 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
-class _Header:
+class CheckpointHeader:
+    """What a checkpoint holds, read from its header alone (no tensor loaded): nothing is allocated for the
+    tensors yet, so a caller can check the config against the listed shapes before building anything."""
+
     cfg: ModelConfig
     parts: tuple[str, ...]
     extra: dict[str, Any]
     format_version: int
+    tensors: dict[str, TensorSpec] = field(default_factory=dict)  # "part.name" -> dtype, shape, bytes
+    path: Path | None = None
+
+    def shapes(self, part: str) -> dict[str, tuple[int, ...]]:
+        """The listed tensors of ``part`` (names without the prefix) and their shapes."""
+        prefix = f"{part}."
+        return {k[len(prefix) :]: s.shape for k, s in self.tensors.items() if k.startswith(prefix)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,7 +155,7 @@ def _require_file(p: Path) -> None:
         raise CheckpointError(f"{p}: expected a checkpoint file, found a folder or special file")
 
 
-def _parse_metadata(p: Path, meta: Mapping[str, str] | None) -> _Header:
+def _parse_metadata(p: Path, meta: Mapping[str, str] | None) -> CheckpointHeader:
     """Validate our header metadata and decode it."""
     meta = dict(meta or {})
     fmt = meta.get("format")
@@ -167,7 +184,7 @@ def _parse_metadata(p: Path, meta: Mapping[str, str] | None) -> _Header:
         raise CheckpointError(f"{p}: expected a 'config' entry in the metadata, found none")
     try:
         cfg_dict = json.loads(raw_cfg)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"{p}: expected the config as JSON, found invalid JSON ({e})") from None
     if not isinstance(cfg_dict, dict):
         raise CheckpointError(f"{p}: expected the config as a JSON object, found {type(cfg_dict).__name__}")
@@ -188,11 +205,11 @@ def _parse_metadata(p: Path, meta: Mapping[str, str] | None) -> _Header:
     if "extra" in meta:
         try:
             extra = json.loads(meta["extra"])
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise CheckpointError(f"{p}: expected 'extra' metadata as JSON, found invalid JSON ({e})") from None
         if not isinstance(extra, dict):
             raise CheckpointError(f"{p}: expected 'extra' metadata as a JSON object, found {type(extra).__name__}")
-    return _Header(cfg=cfg, parts=parts, extra=extra, format_version=version)
+    return CheckpointHeader(cfg=cfg, parts=parts, extra=extra, format_version=version, path=p)
 
 
 def _split_key(p: Path, key: str, parts: tuple[str, ...]) -> tuple[str, str]:
@@ -209,57 +226,66 @@ def _corrupt(p: Path, e: BaseException) -> CheckpointError:
     return CheckpointError(f"{p}: expected a safetensors checkpoint, found an unreadable or corrupt file ({detail})")
 
 
-def read_checkpoint(path: PathLike) -> Checkpoint:
-    """Read and validate a checkpoint; tensors are loaded on the CPU. Raises CheckpointError."""
+def require_finite(where: object, name: str, t: torch.Tensor) -> None:
+    """Refuse a floating-point tensor holding NaN or inf: such weights decode to garbage without any error."""
+    if t.is_floating_point() or t.is_complex():
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):
+            nan, bad = int(torch.isnan(t).sum()), int((~finite).sum())
+            raise CheckpointError(
+                f"{where}: expected finite values in tensor {name!r}, found {nan} NaN and {bad - nan} inf "
+                f"of {t.numel()}"
+            )
+
+
+def read_checkpoint_header(path: PathLike) -> CheckpointHeader:
+    """Config, parts, metadata and the listed tensors' shapes, without loading a tensor (the JSON header's size
+    is capped). Raises CheckpointError."""
     p = Path(path)
     _require_file(p)
+    raw = read_safetensors_header(p)
+    header = _parse_metadata(p, raw.metadata)
+    for key in raw.tensors:
+        _split_key(p, key, header.parts)
+    return dataclasses.replace(header, tensors=raw.tensors)
+
+
+def read_checkpoint(path: PathLike, header: CheckpointHeader | None = None) -> Checkpoint:
+    """Read and validate a checkpoint; tensors are loaded on the CPU. Raises CheckpointError, also for a
+    NaN or inf weight (naming the tensor). ``header``: the file's :func:`read_checkpoint_header`, if read already.
+    """
+    header = header or read_checkpoint_header(path)
+    p = Path(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in header.parts}
     try:
         with safe_open(p, framework="pt", device="cpu") as f:
-            header = _parse_metadata(p, f.metadata())
-            parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in header.parts}
             for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
                 part, name = _split_key(p, key, header.parts)
+                if key not in header.tensors:
+                    raise CheckpointError(f"{p}: tensor {key!r} is not in the header read before; the file changed")
                 parts[part][name] = f.get_tensor(key)
+                require_finite(p, key, parts[part][name])
     except _READ_ERRORS as e:
         raise _corrupt(p, e) from e
     log.debug("read checkpoint %s: config %s, parts %s", p, header.cfg.name, ", ".join(parts))
     return Checkpoint(cfg=header.cfg, parts=parts, extra=header.extra, path=p, format_version=header.format_version)
 
 
-def _raw_header(p: Path) -> dict[str, Any]:
-    """The safetensors JSON header (tensor dtypes, shapes, byte offsets); call after safe_open validated it."""
-    with p.open("rb") as fh:
-        n = int.from_bytes(fh.read(8), "little")
-        return json.loads(fh.read(n))
-
-
 def checkpoint_info(path: PathLike) -> dict[str, Any]:
     """Summary without loading tensors: config name, parts with tensor / parameter / byte counts, extra."""
     p = Path(path)
-    _require_file(p)
-    try:
-        with safe_open(p, framework="pt", device="cpu") as f:
-            header = _parse_metadata(p, f.metadata())
-        raw = _raw_header(p)
-    except (*_READ_ERRORS, json.JSONDecodeError) as e:
-        raise _corrupt(p, e) from e
+    header = read_checkpoint_header(p)
     parts: dict[str, dict[str, Any]] = {
         name: {"tensors": 0, "parameters": 0, "bytes": 0, "dtypes": []} for name in header.parts
     }
-    for key, spec in raw.items():
-        if key == "__metadata__":
-            continue
+    for key, spec in header.tensors.items():
         part, _ = _split_key(p, key, header.parts)
         info = parts[part]
-        numel = 1
-        for d in spec["shape"]:
-            numel *= int(d)
-        start, end = spec["data_offsets"]
         info["tensors"] += 1
-        info["parameters"] += numel
-        info["bytes"] += int(end) - int(start)
-        if spec["dtype"] not in info["dtypes"]:
-            info["dtypes"].append(spec["dtype"])
+        info["parameters"] += math.prod(spec.shape)
+        info["bytes"] += spec.nbytes
+        if spec.dtype not in info["dtypes"]:
+            info["dtypes"].append(spec.dtype)
     for info in parts.values():
         info["dtypes"].sort()
     return {
@@ -283,6 +309,35 @@ def _listing(label: str, items: list[str], sep: str = ", ") -> str:
     shown = sep.join(items[:MAX_LISTED_KEYS])
     more = f"{sep}... and {len(items) - MAX_LISTED_KEYS} more" if len(items) > MAX_LISTED_KEYS else ""
     return f"{label} ({len(items)}): {shown}{more}"
+
+
+def check_header_shapes(header: CheckpointHeader, planned: Mapping[str, Mapping[str, tuple[int, ...]]]) -> None:
+    """Refuse a checkpoint whose listed tensors do not match ``planned`` (part -> name -> shape: the state dicts
+    its config builds), before any tensor is loaded or model built. Names every missing, unexpected and
+    mis-shaped tensor of every listed part."""
+    where = header.path if header.path is not None else "checkpoint"
+    problems = []
+    for part in header.parts:
+        listed, target = header.shapes(part), planned.get(part, {})
+        missing = [k for k in target if k not in listed]
+        unexpected = [k for k in listed if k not in target]
+        misshaped = [
+            f"{k}: expected {target[k]}, found {listed[k]}" for k in target if k in listed and listed[k] != target[k]
+        ]
+        found = [
+            _listing(label, items, sep)
+            for label, items, sep in (
+                ("missing keys", missing, ", "),
+                ("unexpected keys", unexpected, ", "),
+                ("mis-shaped keys", misshaped, "; "),
+            )
+            if items
+        ]
+        if found:
+            problems.append(f"part {part!r}: " + " | ".join(found))
+    if problems:
+        builds = f"the tensors do not match the model its config {header.cfg.name!r} builds"
+        raise CheckpointError(f"{where}: {builds}: " + " || ".join(problems))
 
 
 def load_part(module: M, ckpt: Checkpoint, part: str, strict: bool = True) -> M:

@@ -1,7 +1,8 @@
 """`mindhier-rt`: the command line. Entry points print; the library logs.
 
 Every MindhierError is printed as one line (``error: ...``) with exit code 1, never a traceback; a missing
-optional dependency (``MissingDependencyError``: TensorRT, a GPU) exits with code 2.
+optional dependency (``MissingDependencyError``: TensorRT, a GPU) exits with code 2. Training stopped by SIGINT /
+SIGTERM saves its state, prints how to resume and exits with 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from mindhier_rt.errors import InputError, MindhierError, MissingDependencyError
+from mindhier_rt.errors import InputError, MindhierError, MissingDependencyError, TrainingInterrupted
 
 app = typer.Typer(
     name="mindhier-rt",
@@ -606,13 +607,16 @@ PresetOpt = Annotated[str, typer.Option("--preset", help="model preset when star
 StepsOpt = Annotated[int, typer.Option(min=1)]
 ResumeOpt = Annotated[bool, typer.Option(help="continue from the run folder's saved state")]
 AmpOpt = Annotated[str, typer.Option(help="mixed precision of the loss: off, bf16 or fp16 (fp16 scales gradients)")]
+SaveEveryOpt = Annotated[
+    int, typer.Option(min=1, help="steps between saves of the training state (also saved at the end and on Ctrl-C)")
+]
 
 
-def _tcfg(steps: int, batch_size: int, lr: float, seed: int, amp: str = "off"):
+def _tcfg(steps: int, batch_size: int, lr: float, seed: int, amp: str = "off", save_every: int = 100):
     from mindhier_rt.train.loop import TrainConfig, amp_dtype
 
     amp_dtype(amp)  # validates
-    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, amp=amp)
+    return TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, amp=amp, save_every=save_every)
 
 
 def _distributed(batch_size: int):
@@ -640,6 +644,7 @@ def train_vqvae_cmd(
     lr: float = 2e-3,
     seed: int = 0,
     resume: ResumeOpt = True,
+    save_every: SaveEveryOpt = 100,
 ) -> None:
     """Reconstruction + codebook/commitment losses on the training images (one process: not under torchrun)."""
     import os
@@ -654,7 +659,7 @@ def train_vqvae_cmd(
     ds, models = _train_setup(data, preset_name, init, ())
     train_index = torch.unique(torch.cat([t.image_index_n for t in load_trials(ds)]))
     images = torch.from_numpy(ds.images(train_index.numpy()))
-    train_vqvae(models, images, _tcfg(steps, batch_size, lr, seed), out, resume=resume)
+    train_vqvae(models, images, _tcfg(steps, batch_size, lr, seed, save_every=save_every), out, resume=resume)
     models.save(out / "model.safetensors")
     typer.echo(f"wrote {out / 'model.safetensors'}")
 
@@ -679,6 +684,7 @@ def train_stage1_cmd(
         Path | None, typer.Option(help="folder of teacher features: computed once for the training images, then reused")
     ] = None,
     amp: AmpOpt = "off",
+    save_every: SaveEveryOpt = 100,
 ) -> None:
     """Align the encoder's levels to a frozen teacher's layer taps (hierarchical MSE + SoftCLIP).
 
@@ -729,7 +735,7 @@ def train_stage1_cmd(
             cached = teacher_features(cache, needed, ds.images, ds.captions, image_teacher, text_teacher)
         levels, text = cached.levels, cached.text
     try:
-        tcfg = _tcfg(steps, batch_size, lr, seed, amp)
+        tcfg = _tcfg(steps, batch_size, lr, seed, amp, save_every)
         train_stage1(models, trials, levels, text, tcfg, out, resume=resume, dist=ctx)
     finally:
         if cached is not None:
@@ -755,6 +761,7 @@ def train_stage2_cmd(
         bool, typer.Option("--grad-checkpoint", help="recompute each generator block in backward (less memory)")
     ] = False,
     fsdp: Annotated[bool, typer.Option(help="under torchrun: shard the generator (FSDP), else DDP replicas")] = True,
+    save_every: SaveEveryOpt = 100,
 ) -> None:
     """Train the generator on the token pyramids with the encoder and VQ-VAE frozen (needs --init).
 
@@ -767,7 +774,7 @@ def train_stage2_cmd(
     from mindhier_rt.train.stages import load_trials, train_stage2
 
     ctx = _distributed(batch_size)
-    tcfg = _tcfg(steps, batch_size, lr, seed, amp)
+    tcfg = _tcfg(steps, batch_size, lr, seed, amp, save_every)
     ds, models = _train_setup(data, "demo", init, ("encoder", "vqvae"))
     if ctx.is_main:
         shard = fsdp and ctx.world_size > 1
@@ -997,6 +1004,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         app()
+    except TrainingInterrupted as e:  # the state is saved: a clean stop, with the shell's code for a signal
+        typer.echo(str(e), err=True)
+        sys.exit(128 + e.signum)
     except MissingDependencyError as e:  # TensorRT, a GPU, cuda-python: exit code 2
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)

@@ -36,3 +36,14 @@ class MissingDependencyError(BackendError):
 
     The message names what is missing and how to install it; the CLI exits with code 2 for these.
     """
+
+
+class TrainingInterrupted(MindhierError):
+    """Training stopped on SIGINT / SIGTERM after saving its state; running the same command again resumes.
+
+    The CLI prints the message and exits with 128 + the signal number, as a shell does for a killed command.
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum

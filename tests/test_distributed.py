@@ -122,19 +122,19 @@ def _worker(rank: int, port: int, out: str) -> None:
         s1 = train_stage1(models, trials, levels, text, STAGE1, out_dir / "s1", progress=False, dist=ctx)
         save_file(models.encoder.state_dict(), out_dir / f"s1_rank{rank}.safetensors")
 
-        save_state = loop._save_state
+        save_state = loop.save_state
 
         def save_then_crash(*args, **kwargs):
             save_state(*args, **kwargs)
             raise Interrupted  # both ranks die right after the step-2 state is written
 
-        loop._save_state = save_then_crash
+        loop.save_state = save_then_crash
         with pytest.raises(Interrupted):
             train_stage2(
                 _stage2_models(cfg, 0), trials, images, STAGE2, out_dir / "s2", progress=False, dist=ctx,
                 fsdp=True, grad_checkpoint=True,
             )  # fmt: skip
-        loop._save_state = save_state
+        loop.save_state = save_state
         models = _stage2_models(cfg, 123)  # another init: every weight must come from the state file
         sharded = models.generator
         s2 = train_stage2(

@@ -3,8 +3,10 @@ a JSON-lines loss log and resumable state.
 
 A stage supplies ``loss_fn(step) -> {"loss": total, other terms...}``; batches are drawn from
 ``batch_rng(seed, step)``, so a resumed run sees exactly the batches an uninterrupted one would.
-State lives in ``<run_dir>/<stage>.state.safetensors``: the trained modules, the optimizer tensors and,
-as JSON metadata, the step, the optimizer's param groups, the LR scheduler and the fp16 gradient scaler (no pickle).
+State lives in ``<run_dir>/<stage>.state.safetensors`` (``train/state.py``: modules, optimizer, LR schedule,
+gradient scaler, torch's generators, the stage's own running state such as codebook usage; no pickle), written
+atomically every ``save_every`` steps, at the end and on SIGINT / SIGTERM (``train/signals.py``). A resumed run
+ends bit-identical to an uninterrupted one, and the log is cut back to the saved step, so each step is logged once.
 
 Mixed precision (``TrainConfig.amp``): the loss is computed under autocast in bf16 or fp16 (fp16 adds gradient
 scaling); weights, gradients and optimizer states stay fp32. Under torchrun the loop takes a ``DistContext``
@@ -19,21 +21,21 @@ import contextlib
 import json
 import logging
 import math
+import signal
 import time
-import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from mindhier_rt.errors import CheckpointError, ConfigError
-from mindhier_rt.io import atomic_path
-from mindhier_rt.train.distributed import DistContext, full_tensor, is_sharded, shard_like
+from mindhier_rt.errors import ConfigError, TrainingInterrupted
+from mindhier_rt.io import atomic_write_text
+from mindhier_rt.train.distributed import DistContext, full_tensor, is_sharded
+from mindhier_rt.train.signals import StopOnSignal
+from mindhier_rt.train.state import Stateful, load_state, save_state, state_path
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 20
-    save_every: int = 500
+    save_every: int = 100  # steps between state saves (and at the end, and on SIGINT / SIGTERM)
     amp: str = "off"  # autocast dtype of the loss computation: off, bf16 or fp16 (with gradient scaling)
 
 
@@ -67,112 +69,24 @@ def batch_rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
 
-def _state_path(run_dir: Path, stage: str) -> Path:
-    return run_dir / f"{stage}.state.safetensors"
-
-
-def _save_state(
-    path: Path,
-    modules: Mapping[str, nn.Module],
-    opt,
-    sched,
-    step: int,
-    tcfg: TrainConfig,
-    ctx: DistContext | None = None,
-    scaler=None,
-) -> None:
-    """Write the state file (rank 0). Sharded tensors are gathered whole first, which every rank takes part in."""
-    ctx = ctx or DistContext()
-    sharded = any(is_sharded(p) for m in modules.values() for p in m.parameters())
-    if not ctx.is_main and not sharded:
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Keep the log's records up to ``step`` (the saved state's step), atomically: the steps a killed run logged
+    after its last save are run again and must be logged once. A half-written last line is dropped too."""
+    if not log_path.exists():
         return
-    keep = ctx.is_main  # other ranks only help gather
-    tensors: dict[str, Tensor] = {}
-    for name, module in modules.items():
-        for key, value in module.state_dict().items():
-            full = full_tensor(value)
-            if keep:
-                tensors[f"model.{name}.{key}"] = full.contiguous().clone()
-    opt_state = opt.state_dict()
-    scalars: dict[str, dict[str, float]] = {}
-    for idx, entry in opt_state["state"].items():
-        for key, value in entry.items():
-            if torch.is_tensor(value) and value.ndim > 0:
-                full = full_tensor(value)
-                if keep:
-                    tensors[f"opt.{idx}.{key}"] = full.contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[key] = float(value)
-    if not keep:
-        return
-    meta = {
-        "step": str(step),
-        "train_config": json.dumps(asdict(tcfg)),
-        "param_groups": json.dumps(opt_state["param_groups"]),
-        "opt_scalars": json.dumps(scalars),
-        "scheduler": json.dumps(sched.state_dict()),
-    }
-    if scaler is not None:
-        meta["grad_scaler"] = json.dumps(scaler.state_dict())
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-
-
-def _load_state(path: Path, modules: Mapping[str, nn.Module], opt, sched, scaler=None) -> int:
-    """Restore modules, optimizer, scheduler (and scaler) from a state file; return the saved step.
-
-    Tensors are read one at a time; a rank of a sharded (FSDP) run keeps only its shard of each.
-    """
-    current = {name: module.state_dict() for name, module in modules.items()}
-    params = [p for group in opt.param_groups for p in group["params"]]
-    states: dict[str, dict[str, Tensor]] = {name: {} for name in modules}
-    opt_tensors: dict[str, Tensor] = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
-            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                if key.startswith("opt."):
-                    idx = int(key.split(".", 2)[1])
-                    like = params[idx] if idx < len(params) else None
-                    value = f.get_tensor(key)
-                    opt_tensors[key] = value if like is None else shard_like(value, like)
-                    continue
-                for name in modules:
-                    prefix = f"model.{name}."
-                    if key.startswith(prefix):
-                        k = key[len(prefix) :]
-                        value = f.get_tensor(key)
-                        states[name][k] = shard_like(value, current[name][k]) if k in current[name] else value
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: cannot read the training state ({e}); delete it or run without --resume") from e
-    for name, module in modules.items():
-        state = states[name]
-        missing, unexpected = module.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path}: training state does not fit {name}: missing {missing}, unexpected {unexpected}"
-            )
-    opt_state: dict = {"state": {}, "param_groups": json.loads(meta["param_groups"])}
-    for idx, entry in json.loads(meta["opt_scalars"]).items():
-        opt_state["state"].setdefault(int(idx), {}).update({k: torch.tensor(v) for k, v in entry.items()})
-    for key, value in opt_tensors.items():
-        _, idx, name = key.split(".", 2)
-        opt_state["state"].setdefault(int(idx), {})[name] = value
-    opt.load_state_dict(opt_state)
-    if scaler is not None and "grad_scaler" in meta:
-        scaler.load_state_dict(json.loads(meta["grad_scaler"]))
-    step = int(meta["step"])
-    saved_steps = json.loads(meta["train_config"])["steps"]
-    if saved_steps == sched.total_steps or max(saved_steps, 2) == sched.total_steps:
-        sched.load_state_dict(json.loads(meta["scheduler"]))
-    elif step < sched.total_steps:
-        # a run extended (or shortened) on resume: follow the new schedule from the saved step
-        log.warning("%s: schedule length changed from %d to %d steps", path, saved_steps, sched.total_steps)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()" is intended here
-            sched.last_epoch = step - 1
-            sched.step()
-    return step
+    lines = log_path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        dropped = len(lines) - len(kept)
+        log.info("%s: dropped %d records after step %d, the saved state's step", log_path, dropped, step)
+        atomic_write_text(log_path, "".join(kept))
 
 
 def train_loop(
@@ -184,13 +98,20 @@ def train_loop(
     resume: bool = True,
     progress: bool = True,
     dist: DistContext | None = None,
+    aux: Mapping[str, Stateful] | None = None,
 ) -> list[dict]:
     """Train the parameters of ``modules`` for ``tcfg.steps`` steps; return the logged records.
+
+    ``aux``: other state ``loss_fn`` keeps across steps (saved and restored with the modules). A resumed run
+    ends bit-identical to an uninterrupted one. On SIGINT / SIGTERM the state is saved after the current step
+    and ``TrainingInterrupted`` is raised.
 
     ``modules`` are the unwrapped modules (their state dicts name the saved tensors); under torchrun the stage
     has already wrapped them for ``dist`` and calls the wrappers in ``loss_fn``. Every rank returns the same
     records (losses averaged over ranks).
     """
+    if tcfg.save_every < 1:
+        raise ConfigError(f"save_every must be >= 1 step, got {tcfg.save_every}")
     ctx = dist or DistContext()
     run_dir.mkdir(parents=True, exist_ok=True)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
@@ -202,19 +123,26 @@ def train_loop(
         opt, max_lr=tcfg.lr, total_steps=total, pct_start=warmup, anneal_strategy="cos"
     )
     precision = _Precision(tcfg.amp, ctx.device, sharded=any(is_sharded(p) for p in params))
-    state_path, log_path = _state_path(run_dir, stage), run_dir / f"{stage}.log.jsonl"
+    path, log_path = state_path(run_dir, stage), run_dir / f"{stage}.log.jsonl"
+    aux = aux or {}
     start = 0
-    if ctx.agree(resume and state_path.exists()):
-        start = _load_state(state_path, modules, opt, sched, precision.scaler)
-        log.info("%s: resumed at step %d from %s", stage, start, state_path)
+    if ctx.agree(resume and path.exists()):
+        start = load_state(path, modules, opt, sched, tcfg, precision.scaler, aux, ctx.device, ctx.is_main)
+        if ctx.is_main:
+            _truncate_log(log_path, start)
+        log.info("%s: resumed at step %d from %s", stage, start, path)
     elif ctx.is_main and log_path.exists():
         log_path.unlink()
+
+    def save(step: int) -> None:
+        save_state(path, modules, opt, sched, step, tcfg, ctx, precision.scaler, aux)
+
     for m in modules.values():
         m.train()
     records: list[dict] = []
     t0 = time.perf_counter()
     bar = _Progress(stage, tcfg.steps, start, enabled=progress and ctx.is_main)
-    with bar, contextlib.ExitStack() as files:
+    with bar, StopOnSignal() as stop, contextlib.ExitStack() as files:
         log_file = files.enter_context(log_path.open("a")) if ctx.is_main else None
         for step in range(start, tcfg.steps):
             opt.zero_grad(set_to_none=True)  # before the forward pass: last step's gradients never meet activations
@@ -240,12 +168,26 @@ def train_loop(
                     log_file.flush()
                 records.append(record)
                 bar.update(step + 1, record["loss"])
+            if step + 1 < tcfg.steps and _stop_requested(stop, ctx):
+                save(step + 1)
+                signum = stop.signum or signal.SIGTERM  # rank 0's signal; other ranks may have none
+                raise TrainingInterrupted(
+                    f"{stage}: stopped by {signal.Signals(signum).name} after step {step + 1} of {tcfg.steps}; the "
+                    f"state is saved in {path}: run the same command again to resume",
+                    signum,
+                )
             if (step + 1) % tcfg.save_every == 0 and step + 1 < tcfg.steps:
-                _save_state(state_path, modules, opt, sched, step + 1, tcfg, ctx, precision.scaler)
-    _save_state(state_path, modules, opt, sched, tcfg.steps, tcfg, ctx, precision.scaler)
+                save(step + 1)
+    save(tcfg.steps)
     for m in modules.values():
         m.eval()
     return records
+
+
+def _stop_requested(stop: StopOnSignal, ctx: DistContext) -> bool:
+    """Whether to stop after this step: rank 0's answer on every rank under torchrun (one broadcast a step)."""
+    requested = stop.signum is not None
+    return ctx.agree(requested) if ctx.initialized else requested
 
 
 def _scalar(value, device: torch.device) -> Tensor:

@@ -34,11 +34,23 @@ class CodebookRestarts:
     Residual VQ collapses onto a handful of codes when the codebook starts far from the latents; a
     code whose running usage drops below ``threshold`` is replaced by a random recent quantiser input
     (every code counts as unused at the first step, so this is also a data-dependent init).
+    The running usage decides later restarts: it is part of the training state (``state_dict``).
     """
 
     def __init__(self, vocab: int, every: int = 20, decay: float = 0.9, threshold: float = 0.03) -> None:
         self.usage_V = torch.zeros(vocab)
         self.every, self.decay, self.threshold = every, decay, threshold
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"usage_V": self.usage_V.clone()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        usage = state["usage_V"]
+        if usage.shape != self.usage_V.shape:
+            raise ValueError(
+                f"expected codebook usage of shape {tuple(self.usage_V.shape)}, found {tuple(usage.shape)}"
+            )
+        self.usage_V = usage.to(self.usage_V.dtype).clone()
 
     @torch.no_grad()
     def __call__(self, step: int, embedding: torch.nn.Embedding, idx: list[Tensor], rests: list[Tensor], rng) -> int:
@@ -57,11 +69,18 @@ class CodebookRestarts:
 
 
 def train_vqvae(
-    models: MindHier, images_N3HW: Tensor, tcfg: TrainConfig, run_dir: Path, resume: bool = True, progress: bool = True
+    models: MindHier,
+    images_N3HW: Tensor,
+    tcfg: TrainConfig,
+    run_dir: Path,
+    resume: bool = True,
+    progress: bool = True,
+    restart_every: int = 20,
 ) -> list[dict]:
-    """Reconstruction (MSE + L1) plus the codebook and commitment terms of ``MultiScaleVQVAE.forward``."""
+    """Reconstruction (MSE + L1) plus the codebook and commitment terms of ``MultiScaleVQVAE.forward``;
+    unused codes are re-seeded every ``restart_every`` steps (``CodebookRestarts``)."""
     vq = models.vqvae
-    restarts = CodebookRestarts(vq.quantize.embedding.num_embeddings)
+    restarts = CodebookRestarts(vq.quantize.embedding.num_embeddings, every=restart_every)
 
     def loss_fn(step: int) -> dict[str, Tensor]:
         rng = batch_rng(tcfg.seed, step)
@@ -80,7 +99,7 @@ def train_vqvae(
             "restarted": restarted,
         }
 
-    return train_loop("vqvae", {"vqvae": vq}, loss_fn, tcfg, run_dir, resume, progress)
+    return train_loop("vqvae", {"vqvae": vq}, loss_fn, tcfg, run_dir, resume, progress, aux={"restarts": restarts})
 
 
 @dataclass

@@ -12,11 +12,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mindhier_rt.checkpoint import PARTS, load_part, read_checkpoint, save_checkpoint
+from mindhier_rt.checkpoint import (
+    PARTS,
+    check_header_shapes,
+    load_part,
+    read_checkpoint,
+    read_checkpoint_header,
+    save_checkpoint,
+)
 from mindhier_rt.config import ModelConfig
-from mindhier_rt.errors import CheckpointError
+from mindhier_rt.errors import CheckpointError, ConfigError
 from mindhier_rt.models.encoder import HierarchicalEncoder
 from mindhier_rt.models.generator import ScaleGenerator
+from mindhier_rt.models.limits import planned_state
 from mindhier_rt.models.vqvae import MultiScaleVQVAE
 
 
@@ -48,20 +56,28 @@ class MindHier:
         """Load every part a checkpoint holds (parts it lacks keep their random init).
 
         ``require`` names the parts that must be present (default: every part the config builds); every
-        tensor is checked by name and shape.
+        tensor is checked by name and shape against the config in the file's header, and the config against
+        ``models.limits``, before anything is allocated; NaN or inf weights are refused.
         """
-        ckpt = read_checkpoint(path)
-        require = model_parts(ckpt.cfg) if require is None else require
-        missing = [p for p in require if p not in ckpt.parts]
+        header = read_checkpoint_header(path)
+        require = model_parts(header.cfg) if require is None else require
+        missing = [p for p in require if p not in header.parts]
         if missing:
             raise CheckpointError(
-                f"{path}: checkpoint lacks {', '.join(missing)} (it holds {', '.join(ckpt.parts) or 'nothing'})"
+                f"{path}: checkpoint lacks {', '.join(missing)} (it holds {', '.join(header.parts) or 'nothing'})"
             )
-        models = cls.from_config(ckpt.cfg, device=device)
-        parts = model_parts(ckpt.cfg)
-        extra = [p for p in ckpt.parts if p not in parts]
+        parts = model_parts(header.cfg)
+        extra = [p for p in header.parts if p not in parts]
         if extra:
             raise CheckpointError(f"{path}: checkpoint holds {', '.join(extra)}, which its config has no model for")
+        # the config comes from the file: check its size and the listed shapes before allocating anything
+        try:
+            planned = planned_state(header.cfg)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: {e}") from e
+        check_header_shapes(header, planned)
+        ckpt = read_checkpoint(path, header)
+        models = cls.from_config(ckpt.cfg, device=device)
         for name in parts:
             if name in ckpt.parts:
                 load_part(getattr(models, name), ckpt, name)
