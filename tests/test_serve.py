@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +297,21 @@ def test_serve_without_pytriton_says_how_to_install(monkeypatch, cli, bundle):
     monkeypatch.setattr(builtins, "__import__", no_pytriton)
     code, _, err = cli("serve", "--engine", bundle.root, "--http-port", "1")
     assert code == 2 and "pip install 'mindhier-rt[serve]'" in err
+
+
+@pytest.mark.slow
+def test_load_test_passes_on_the_tiny_bundle(bundle, tmp_path):
+    """benchmarks/serve_load.py, bounded: every answer right, malformed requests refused, cut streams harmless,
+    SIGTERM answered."""
+    pytest.importorskip("pytriton")
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = ["--engine", str(bundle.root), "--clients", "4", "--requests", "40", "--bad-every", "5", "--streams", "1",
+            "--out", str(tmp_path / "load")]  # fmt: skip
+    assert module.main(argv) == 0
+    result = json.loads((tmp_path / "load.json").read_text())
+    assert result["counts"]["ok"] == 32 and result["counts"]["bad_refused"] == 8
