@@ -20,7 +20,8 @@ import torch
 pytest.importorskip("onnxruntime")
 
 from mindhier_rt.bundle import Bundle, BundleError, staged_bundle, write_manifest
-from mindhier_rt.errors import OutputError
+from mindhier_rt.errors import InputError, OutputError
+from mindhier_rt.evaluate import read_decode_dir
 from mindhier_rt.pipeline import decode_passes
 from mindhier_rt.run_folder import claim_run_folder
 
@@ -349,10 +350,13 @@ def test_interrupted_decode_leaves_status_running(cli, tiny_ckpt, good4, tmp_pat
         decode_torch(cli, tiny_ckpt, good4, out, "--batch", 1, "--seed", 5)
     report = json.loads((out / "decode.json").read_text())
     assert report["status"] == "running" and report["sampling"]["seed"] == 5 and report["images"] == []
+    with pytest.raises(InputError, match="expected a complete decode, found status 'running'"):
+        read_decode_dir(out)  # evaluate tells the interrupted folder from a finished one
     assert not list(out.glob(".*"))  # no temp files; the lock was released and removed
     monkeypatch.setattr(pipeline, "reconstruct", real)
     assert decode_torch(cli, tiny_ckpt, good4, out, "--seed", 5)[0] == 0
     assert json.loads((out / "decode.json").read_text())["status"] == "complete"
+    assert len(read_decode_dir(out).files) == 4
 
 
 def test_decode_to_a_file_or_a_path_under_a_file_is_one_error_line(cli, tiny_ckpt, good4, tmp_path):
