@@ -11,11 +11,18 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mindhier_rt.errors import InputError, MindhierError, MissingDependencyError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mindhier_rt.run_folder import RunFolder
+    from mindhier_rt.runtime.base import DecodeBackend
+    from mindhier_rt.sampling import SamplingConfig
 
 app = typer.Typer(
     name="mindhier-rt",
@@ -287,8 +294,18 @@ def decode(
         raise typer.Exit(1)
 
 
-def _decode_scans(runner, voxels, good_ids, subject: str, folder, sampling, samples: int, batch: int, report: dict,
-                  skipped: list[dict]) -> None:  # fmt: skip
+def _decode_scans(
+    runner: DecodeBackend,
+    voxels: np.ndarray,
+    good_ids: np.ndarray,
+    subject: str,
+    folder: RunFolder,
+    sampling: SamplingConfig,
+    samples: int,
+    batch: int,
+    report: dict,
+    skipped: list[dict],
+) -> None:
     """The batch job of `decode --fmri`: passes of at most ``batch`` (scan, sample) rows; decode.json says
     ``running`` before the first image and ``complete`` after the last (see ``run_folder``)."""
     import numpy as np
@@ -332,7 +349,15 @@ def _decode_scans(runner, voxels, good_ids, subject: str, folder, sampling, samp
     )
 
 
-def _decode_labels(runner, labels: list[int], folder, sampling, samples: int, batch: int, source: dict) -> None:
+def _decode_labels(
+    runner: DecodeBackend,
+    labels: list[int],
+    folder: RunFolder,
+    sampling: SamplingConfig,
+    samples: int,
+    batch: int,
+    source: dict,
+) -> None:
     """`decode --class-label`: images of class labels (VAR), written as classLLLL_NNN[_sK].png + decode.json."""
     import torch
     from rich.progress import Progress
