@@ -209,7 +209,7 @@ MALFORMED = {
     "graphs_is_a_list": (lambda m: m.__setitem__("graphs", []), "manifest field graphs: expected an object, found []"),
     "files_is_a_list": (lambda m: m.__setitem__("files", []), "manifest field files: expected an object"),
     "missing_graph_inputs": (lambda m: m["graphs"]["context"].pop("inputs"), "graphs.context: missing key 'inputs'"),
-    "missing_scales": (lambda m: m.pop("scales"), "manifest field : missing key 'scales'"),
+    "missing_scales": (lambda m: m.pop("scales"), "manifest.json: manifest: missing key 'scales'"),
     "batch_scans_is_a_string": (lambda m: m["batch"].__setitem__("scans", "2"), "batch.scans: expected an integer"),
     "shape_dim_is_a_float": (
         lambda m: m["graphs"]["vq_decoder"]["inputs"][0]["shape"].__setitem__(1, 8.5),

@@ -38,10 +38,14 @@ class _Field:
     def __init__(self, value: Any, where: str, source: str) -> None:
         self.value, self.where, self.source = value, where, source
 
+    @property
+    def label(self) -> str:
+        return f"manifest field {self.where}" if self.where else "manifest"
+
     def error(self, expected: str) -> BundleError:
         found = json.dumps(self.value)
         found = found if len(found) <= 80 else found[:77] + "..."
-        return BundleError(f"{self.source}: manifest field {self.where}: expected {expected}, found {found}")
+        return BundleError(f"{self.source}: {self.label}: expected {expected}, found {found}")
 
     def _kind(self, kind: type | tuple[type, ...], name: str) -> Any:
         if not isinstance(self.value, kind) or (isinstance(self.value, bool) and kind is not bool):
@@ -69,7 +73,7 @@ class _Field:
     def key(self, name: str) -> _Field:
         d = self.obj()
         if name not in d:
-            raise BundleError(f"{self.source}: manifest field {self.where}: missing key {name!r}")
+            raise BundleError(f"{self.source}: {self.label}: missing key {name!r}")
         return _Field(d[name], f"{self.where}.{name}" if self.where else name, self.source)
 
     def opt(self, name: str) -> _Field | None:
