@@ -7,10 +7,12 @@ checkpoint with the torch backend or the bundle with onnxruntime, a few scans at
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -300,11 +302,34 @@ def test_export_to_a_file_or_a_path_under_a_file_is_one_error_line(cli, tiny_ckp
     assert afile.read_text() == "x"
 
 
-@pytest.mark.skipif(AS_ROOT, reason="root writes into read-only folders")
-def test_export_into_a_read_only_folder_is_one_error_line(cli, tiny_ckpt, tmp_path):
+def read_only(folder: Path, monkeypatch) -> None:
+    """Make ``folder`` read-only; as root (which writes there anyway) creating files in it fails as it would."""
+    folder.mkdir()
+    folder.chmod(0o555)
+    if not AS_ROOT:
+        return
+    real_open, real_mkdtemp = os.open, tempfile.mkdtemp
+
+    def denied(path) -> None:
+        if Path(path).parent == folder:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    def fake_open(path, flags, *args, **kwargs):
+        if flags & os.O_CREAT:
+            denied(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    def fake_mkdtemp(suffix=None, prefix=None, dir=None):
+        denied(Path(dir) / "x")
+        return real_mkdtemp(suffix, prefix, dir)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(tempfile, "mkdtemp", fake_mkdtemp)
+
+
+def test_export_into_a_read_only_folder_is_one_error_line(cli, tiny_ckpt, tmp_path, monkeypatch):
     locked = tmp_path / "ro"
-    locked.mkdir()
-    locked.chmod(0o555)
+    read_only(locked, monkeypatch)
     try:
         one_error(cli("export", "--ckpt", tiny_ckpt, "--out", locked / "b"), "cannot create a folder beside it")
     finally:
@@ -364,11 +389,9 @@ def test_decode_to_a_file_or_a_path_under_a_file_is_one_error_line(cli, tiny_ckp
     one_error(decode_torch(cli, tiny_ckpt, good4, good4 / "o"), f"expected {good4} to be a folder")
 
 
-@pytest.mark.skipif(AS_ROOT, reason="root writes into read-only folders")
-def test_decode_into_a_read_only_folder_is_one_error_line(cli, tiny_ckpt, good4, tmp_path):
+def test_decode_into_a_read_only_folder_is_one_error_line(cli, tiny_ckpt, good4, tmp_path, monkeypatch):
     locked = tmp_path / "ro"
-    locked.mkdir()
-    locked.chmod(0o555)
+    read_only(locked, monkeypatch)
     try:
         one_error(decode_torch(cli, tiny_ckpt, good4, locked), "cannot write into the folder")
     finally:
