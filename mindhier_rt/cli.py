@@ -103,7 +103,9 @@ def export(
             "--ckpt", help="checkpoint (.safetensors), or a public generator: var_d16.pth, a Switti / MindHier folder"
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="bundle folder to write")],
+    out: Annotated[
+        Path, typer.Option("--out", help="bundle folder: new, empty, or an earlier bundle (replaced when complete)")
+    ],
     dtype: Annotated[str, typer.Option(help="float32 or float16 weights")] = "float32",
     batch: Annotated[int, typer.Option(min=1, help="scans per run (recorded shapes; graphs take any batch)")] = 1,
     samples: Annotated[int, typer.Option(min=1, help="samples per scan (recorded shapes)")] = 1,
