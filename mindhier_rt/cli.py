@@ -131,8 +131,8 @@ def export(
         bundle = export_bundle(
             models, out, dtype=dtype, batch=batch, samples=samples, source=str(ckpt), on_graph=on_graph,
         )  # fmt: skip
-    size = sum(meta["bytes"] for meta in bundle.manifest["files"].values())
-    typer.echo(f"wrote {out}: {len(bundle.manifest['graphs'])} graphs, {size / 1e6:.1f} MB")
+    size = sum(entry.bytes for entry in bundle.spec.files.values())
+    typer.echo(f"wrote {out}: {len(bundle.spec.graphs)} graphs, {size / 1e6:.1f} MB")
 
 
 @app.command()

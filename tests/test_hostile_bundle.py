@@ -284,6 +284,17 @@ def test_interrupted_export_leaves_the_old_bundle_intact(copy, shared, tiny_expo
     assert sorted(p.name for p in folder.parent.iterdir()) == ["b"]  # the half-written folder is gone
 
 
+def test_write_manifest_never_adopts_unrelated_files(copy):
+    folder = copy()
+    (folder / "notes.txt").write_text("the user's")
+    (folder / "other.onnx").write_bytes(b"the user's graph")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    listed = set(manifest["files"])
+    write_manifest(folder, manifest)
+    assert set(json.loads((folder / "manifest.json").read_text())["files"]) == listed
+    assert listed == set(Bundle.open(folder).spec.read_files())  # exactly what readers open
+
+
 def test_staged_bundle_replaces_a_bundle_only_when_the_new_one_is_complete(copy):
     folder = copy()
     with staged_bundle(folder) as stage:
