@@ -108,12 +108,12 @@ def _mismatch(root: Path, rel: str, entry: FileEntry, size: int, digest: str | N
 
 def hash_file(root: Path, rel: str, entry: FileEntry) -> None:
     """Stream ``rel`` through SHA-256 and compare it with ``entry``; BundleError on any difference."""
-    fd = open_regular(root, rel)
-    h = hashlib.sha256()
-    size = 0
-    with os.fdopen(fd, "rb") as f:
-        if os.fstat(f.fileno()).st_size != entry.bytes:
-            raise _mismatch(root, rel, entry, os.fstat(f.fileno()).st_size, None)
+    with os.fdopen(open_regular(root, rel), "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size != entry.bytes:
+            raise _mismatch(root, rel, entry, size, None)
+        h = hashlib.sha256()
+        size = 0
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
             size += len(chunk)
@@ -123,8 +123,7 @@ def hash_file(root: Path, rel: str, entry: FileEntry) -> None:
 
 def read_checked(root: Path, rel: str, entry: FileEntry) -> bytes:
     """The bytes of ``rel``, read once and hashed: what is returned is exactly what matched ``entry``."""
-    fd = open_regular(root, rel)
-    with os.fdopen(fd, "rb") as f:
+    with os.fdopen(open_regular(root, rel), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size != entry.bytes:
             raise _mismatch(root, rel, entry, size, None)
