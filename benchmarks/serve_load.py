@@ -39,7 +39,6 @@ import torch
 from mindhier_rt.bundle import Bundle
 from mindhier_rt.pipeline import reconstruct
 from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from mindhier_rt.sampling import SamplingConfig
 from mindhier_rt.serve.client import RemoteDecoder, Settings, _inputs
 from mindhier_rt.serve.repository import MODEL, PROGRESSIVE_MODEL, RepositorySpec, write_repository
 from mindhier_rt.serve.server import Ports, start_server, wait_ready
@@ -75,7 +74,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bundle = Bundle.open(args.engine)
     cfg = bundle.cfg
     subject, n_vox = cfg.encoder.subjects[0]
-    sampling = SamplingConfig.from_dict(bundle.manifest.get("sampling", {}))
+    sampling = bundle.spec.sampling
     rng = np.random.default_rng(0)
     pool = rng.standard_normal((args.distinct, n_vox)).astype(np.float32)  # scans the clients draw from
     local = OnnxRuntimeBackend(bundle)

@@ -30,10 +30,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mindhier_rt.bundle import Bundle
 from mindhier_rt.errors import BackendError, ConfigError
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,16 @@ def find_attentions(graph) -> list[dict[str, Any]]:
     return found
 
 
+def load_graph_structure(bundle: Bundle, rel: str) -> onnx.ModelProto:
+    """The ONNX model ``rel`` without its external weights: from the bundle's checked bytes when the manifest lists
+    it, else (a graph this build derived a moment ago, listed when the build rewrites the manifest) from disk."""
+    import onnx
+
+    if rel in bundle.spec.files:
+        return onnx.load_from_string(bundle.read_bytes(rel))
+    return onnx.load(str(bundle.path(rel)), load_external_data=False)
+
+
 def derive_plugin_graph(bundle: Bundle, graph: str, head_dim: int) -> Path:
     """Write ``<graph>_attention_plugin.onnx`` next to ``graph``'s ONNX with its attentions as plugin nodes.
 
@@ -117,7 +130,7 @@ def derive_plugin_graph(bundle: Bundle, graph: str, head_dim: int) -> Path:
     from mindhier_rt.export.checks import GraphCheckError
 
     entry = bundle.manifest["graphs"][graph]
-    model = onnx.load(str(bundle.path(entry["file"])), load_external_data=False)
+    model = load_graph_structure(bundle, entry["file"])
     g = model.graph
     chains = find_attentions(g)
     if not chains:

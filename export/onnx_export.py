@@ -13,6 +13,7 @@ the concrete shapes of every scale for the bundle's batch.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import platform
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mindhier_rt.bundle import Bundle, write_manifest
+from mindhier_rt.bundle import Bundle, staged_bundle, write_manifest
 from mindhier_rt.errors import BackendError, ConfigError
 from mindhier_rt.export.checks import check_graph
 from mindhier_rt.export.graphs import ContextGraph, DecoderGraph, EncoderGraph, StepGraph, UpdateGraph
@@ -277,8 +278,11 @@ def export_bundle(
     on_graph: Callable[[str], None] | None = None,
     subjects: list[str] | None = None,
 ) -> Bundle:
-    """Write the bundle of ``models`` into ``out``; returns it opened (checksums verified).
+    """Write the bundle of ``models`` to ``out``; returns it opened (checksums verified).
 
+    The bundle is written into a new folder beside ``out`` and moved there only when complete
+    (``bundle.staging``): ``out`` may be absent, an empty folder or an earlier bundle (replaced only then); a file
+    or a folder of other files is refused. Nothing that export did not write is deleted or listed.
     ``subjects`` limits the encoder graphs to those subjects (default: every subject of the config).
     """
     try:
@@ -295,9 +299,34 @@ def export_bundle(
     unknown = sorted(set(subjects or ()) - set(known))
     if unknown:
         raise ConfigError(f"unknown subject(s) {', '.join(unknown)}; this model knows: {', '.join(known)}")
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("*.onnx")) + list(out.glob("*.onnx.data")):
-        stale.unlink()
+    versions = {
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxscript": getattr(onnxscript, "__version__", "?"),
+        "opset": OPSET,
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "python": platform.python_version(),
+    }
+    out = Path(out)
+    with staged_bundle(out) as stage:
+        _write_bundle(models, stage, dtype, batch, samples, sampling, source, on_graph, subjects, versions)
+        written = Bundle.open(stage)  # the new bundle is checked before it replaces anything
+    return dataclasses.replace(written, root=out)
+
+
+def _write_bundle(
+    models: MindHier,
+    out: Path,
+    dtype: str,
+    batch: int,
+    samples: int,
+    sampling: SamplingConfig,
+    source: str | None,
+    on_graph: Callable[[str], None] | None,
+    subjects: list[str] | None,
+    versions: dict[str, Any],
+) -> None:
+    """Write every file of the bundle into the (new, empty) folder ``out``, the manifest last."""
     models = models.eval()
     if dtype != "float32":
         models = _half_models(models, DTYPES[dtype])
@@ -331,17 +360,9 @@ def export_bundle(
         "tables": tables,
         "decode_loop": DECODE_LOOP_CLASS if g.condition == "class" else DECODE_LOOP,
         "source": source,
-        "versions": {
-            "torch": torch.__version__,
-            "onnx": onnx.__version__,
-            "onnxscript": getattr(onnxscript, "__version__", "?"),
-            "opset": OPSET,
-            "exporter": "torch.onnx.export(dynamo=True)",
-            "python": platform.python_version(),
-        },
+        "versions": versions,
     }
     write_manifest(out, manifest)
-    return Bundle.open(out)
 
 
 def _half_models(models: MindHier, dtype: torch.dtype) -> MindHier:

@@ -89,7 +89,12 @@ from typing import Any, Literal, Protocol
 
 from mindhier_rt.bundle import Bundle, write_manifest
 from mindhier_rt.errors import BackendError, ConfigError, MissingDependencyError
-from mindhier_rt.export.attention_plugin import PLUGIN_SUFFIX, derive_plugin_graph, register_plugin
+from mindhier_rt.export.attention_plugin import (
+    PLUGIN_SUFFIX,
+    derive_plugin_graph,
+    load_graph_structure,
+    register_plugin,
+)
 from mindhier_rt.io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -508,7 +513,7 @@ def derive_kv_step_graph(bundle: Bundle, out_name: str = f"{KV_GRAPH}.onnx") -> 
     if not any(s["name"].startswith("past_key_values.") for s in step["inputs"]):
         raise ConfigError("the in-place cache variant is for block-causal bundles; this one is scale-local")
     total = sum(s["tokens"] for s in manifest["scales"])
-    model = onnx.load(str(bundle.path(step["file"])), load_external_data=False)
+    model = load_graph_structure(bundle, step["file"])
     model = version_converter.convert_version(model, KV_OPSET)
     graph = model.graph
 
@@ -850,6 +855,16 @@ class TensorRTPlanBuilder:
 
 
 # ---- build_plans -----------------------------------------------------------------------------------------
+def _build_input(bundle: Bundle, entry: dict[str, Any], onnx_file: str) -> Path:
+    """The ONNX path handed to TensorRT's parser (it reads paths, with external data beside them): a listed file
+    and its weight file are hashed just before; a graph this build derived (not listed yet) is used as written."""
+    if onnx_file not in bundle.spec.files:
+        return bundle.path(onnx_file)
+    if "external_data" in entry:
+        bundle.checked_path(entry["external_data"])
+    return bundle.checked_path(onnx_file)
+
+
 @dataclass
 class BuildReport:
     bundle: Bundle
@@ -908,7 +923,9 @@ def build_plans(
                 onnx_file = derive_plugin_graph(bundle, graph, bundle.cfg.generator.head_dim).name
                 plugin_files.append(onnx_file)
             t0 = time.perf_counter()
-            blob = builder.build(graph, bundle.path(onnx_file), profiles, typing, precision, options)
+            blob = builder.build(
+                graph, _build_input(bundle, graphs[graph], onnx_file), profiles, typing, precision, options
+            )
             seconds = time.perf_counter() - t0
             file = f"{graph}{PLAN_SUFFIX}"
             atomic_write_bytes(staging / file, blob)

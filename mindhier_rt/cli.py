@@ -12,11 +12,18 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from mindhier_rt.errors import InputError, MindhierError, MissingDependencyError, TrainingInterrupted
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from mindhier_rt.run_folder import RunFolder
+    from mindhier_rt.runtime.base import DecodeBackend
+    from mindhier_rt.sampling import SamplingConfig
 
 app = typer.Typer(
     name="mindhier-rt",
@@ -97,7 +104,9 @@ def export(
             "--ckpt", help="checkpoint (.safetensors), or a public generator: var_d16.pth, a Switti / MindHier folder"
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="bundle folder to write")],
+    out: Annotated[
+        Path, typer.Option("--out", help="bundle folder: new, empty, or an earlier bundle (replaced when complete)")
+    ],
     dtype: Annotated[str, typer.Option(help="float32 or float16 weights")] = "float32",
     batch: Annotated[int, typer.Option(min=1, help="scans per run (recorded shapes; graphs take any batch)")] = 1,
     samples: Annotated[int, typer.Option(min=1, help="samples per scan (recorded shapes)")] = 1,
@@ -123,8 +132,8 @@ def export(
         bundle = export_bundle(
             models, out, dtype=dtype, batch=batch, samples=samples, source=str(ckpt), on_graph=on_graph,
         )  # fmt: skip
-    size = sum(meta["bytes"] for meta in bundle.manifest["files"].values())
-    typer.echo(f"wrote {out}: {len(bundle.manifest['graphs'])} graphs, {size / 1e6:.1f} MB")
+    size = sum(entry.bytes for entry in bundle.spec.files.values())
+    typer.echo(f"wrote {out}: {len(bundle.spec.graphs)} graphs, {size / 1e6:.1f} MB")
 
 
 @app.command()
@@ -201,7 +210,9 @@ def decode(
     top_k: Annotated[int, typer.Option(min=0)] = 400,
     top_p: Annotated[float, typer.Option()] = 0.95,
     greedy: Annotated[bool, typer.Option(help="argmax instead of sampling")] = False,
-    batch: Annotated[int, typer.Option(min=1, help="scans per forward pass")] = 8,
+    batch: Annotated[
+        int, typer.Option(min=1, help="rows per forward pass: scans x samples, samples split when they exceed it")
+    ] = 8,
     key: Annotated[str | None, typer.Option(help="array name inside .npz / .h5 files (default: voxels)")] = None,
     device: Annotated[str, typer.Option(help="torch device / cuda for the CUDA execution provider")] = "cpu",
 ) -> None:
@@ -213,12 +224,8 @@ def decode(
     Writes scanNNNNN.png (scanNNNNN_sK.png with --samples), pooled.npy (per scan the encoder's pooled output:
     the brain-predicted CLIP embedding that `evaluate` selects samples and retrieves with) and decode.json.
     """
-    import numpy as np
-    import torch
-    from rich.progress import Progress
-
-    from mindhier_rt.io import atomic_write, finite_rows, read_voxels, save_png, write_json
-    from mindhier_rt.pipeline import reconstruct
+    from mindhier_rt.io import finite_rows, read_voxels
+    from mindhier_rt.run_folder import claim_run_folder
     from mindhier_rt.sampling import SamplingConfig
 
     sampling = SamplingConfig(
@@ -226,50 +233,24 @@ def decode(
     )
     if (fmri is None) == (not class_label) or (fmri is not None and subject is None):
         raise InputError("give --fmri VOXELS --subject S (fMRI models) or --class-label N (class-conditional models)")
-    if class_label:
+    with claim_run_folder(out) as folder:  # refused at once if the folder is unusable or another run holds it
+        if class_label:
+            runner = _open_backend(ckpt, engine, backend, device, vae)
+            _decode_labels(runner, class_label, folder, sampling, samples, batch, {"ckpt": ckpt, "engine": engine})
+            return
+        voxels = read_voxels(fmri, key=key)
         runner = _open_backend(ckpt, engine, backend, device, vae)
-        _decode_labels(runner, class_label, out, sampling, samples, batch, {"ckpt": ckpt, "engine": engine})
-        return
-    voxels = read_voxels(fmri, key=key)
-    runner = _open_backend(ckpt, engine, backend, device, vae)
-    if runner.cfg.generator.condition == "class":
-        raise InputError(f"model {runner.cfg.name} is class-conditional: pass --class-label N instead of --fmri")
-    expected = runner.cfg.encoder.voxel_count(subject)
-    if voxels.shape[1] != expected:
-        raise InputError(f"{fmri}: subject {subject} expects {expected} voxels per scan, got {voxels.shape[1]}")
-    good = finite_rows(voxels)
-    skipped = [{"scan": int(i), "reason": "NaN or inf voxels"} for i in (~good).nonzero()[0]]
-    for s in skipped:
-        typer.echo(f"warning: scan {s['scan']}: {s['reason']}, skipped", err=True)
-    good_ids = good.nonzero()[0]
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[dict] = []
-    pooled = None  # [scans, D]: the encoder's pooled output (brain-predicted CLIP embedding); NaN rows: skipped
-    t0 = time.perf_counter()
-    with Progress(transient=True) as progress:
-        task = progress.add_task("decoding", total=len(good_ids))
-        for start in range(0, len(good_ids), batch):
-            ids = good_ids[start : start + batch]
-            rec = reconstruct(
-                runner, torch.from_numpy(voxels[ids]), subject, sampling, samples=samples,
-                scan_ids=torch.from_numpy(ids),
-            )  # fmt: skip
-            for row, scan in enumerate(ids):
-                for s in range(samples):
-                    name = f"scan{scan:05d}.png" if samples == 1 else f"scan{scan:05d}_s{s}.png"
-                    save_png(out / name, rec.images_NS3HW[row, s])
-                    written.append({"scan": int(scan), "sample": s, "file": name})
-            if rec.pooled_ND is not None:
-                if pooled is None:
-                    pooled = np.full((len(voxels), rec.pooled_ND.shape[1]), np.nan, dtype=np.float32)
-                pooled[ids] = rec.pooled_ND.numpy()
-            progress.advance(task, len(ids))
-    seconds = time.perf_counter() - t0
-    if pooled is not None:
-        atomic_write(out / "pooled.npy", lambda tmp: np.save(tmp, pooled))
-    write_json(
-        out / "decode.json",
-        {
+        if runner.cfg.generator.condition == "class":
+            raise InputError(f"model {runner.cfg.name} is class-conditional: pass --class-label N instead of --fmri")
+        expected = runner.cfg.encoder.voxel_count(subject)
+        if voxels.shape[1] != expected:
+            raise InputError(f"{fmri}: subject {subject} expects {expected} voxels per scan, got {voxels.shape[1]}")
+        good = finite_rows(voxels)
+        skipped = [{"scan": int(i), "reason": "NaN or inf voxels"} for i in (~good).nonzero()[0]]
+        for s in skipped:
+            typer.echo(f"warning: scan {s['scan']}: {s['reason']}, skipped", err=True)
+        good_ids = good.nonzero()[0]
+        report = {
             "ckpt": None if ckpt is None else str(ckpt),
             "engine": None if engine is None else str(engine),
             "fmri": str(fmri),
@@ -279,46 +260,108 @@ def decode(
             "backend": runner.name,
             "sampling": sampling.to_dict(),
             "samples": samples,
-            "images": written,
-            "pooled": None if pooled is None else "pooled.npy",
-            "skipped": skipped,
-            "seconds": round(seconds, 3),
-        },
-    )
-    typer.echo(
-        f"decoded {len(good_ids)} scans ({len(skipped)} skipped) with {runner.name} into {out} in {seconds:.1f} s"
-    )
+            "batch": batch,
+        }
+        _decode_scans(runner, voxels, good_ids, subject, folder, sampling, samples, batch, report, skipped)
     if not len(good_ids):
         raise typer.Exit(1)
 
 
-def _decode_labels(runner, labels: list[int], out: Path, sampling, samples: int, batch: int, source: dict) -> None:
+def _decode_scans(
+    runner: DecodeBackend,
+    voxels: np.ndarray,
+    good_ids: np.ndarray,
+    subject: str,
+    folder: RunFolder,
+    sampling: SamplingConfig,
+    samples: int,
+    batch: int,
+    report: dict,
+    skipped: list[dict],
+) -> None:
+    """The batch job of `decode --fmri`: passes of at most ``batch`` (scan, sample) rows; decode.json says
+    ``running`` before the first image and ``complete`` after the last (see ``run_folder``)."""
+    import numpy as np
+    import torch
+    from rich.progress import Progress
+
+    from mindhier_rt.io import atomic_write, save_png
+    from mindhier_rt.pipeline import decode_passes, reconstruct
+
+    out = folder.path
+    folder.report("running", {**report, "images": [], "skipped": skipped})
+    written: list[dict] = []
+    pooled = None  # [scans, D]: the encoder's pooled output (brain-predicted CLIP embedding); NaN rows: skipped
+    t0 = time.perf_counter()
+    with Progress(transient=True) as progress:
+        task = progress.add_task("decoding", total=len(good_ids) * samples)
+        for p in decode_passes(len(good_ids), samples, batch):
+            ids = good_ids[p.scans.start : p.scans.stop]
+            rec = reconstruct(
+                runner, torch.from_numpy(voxels[ids]), subject, sampling, samples=len(p.samples),
+                scan_ids=torch.from_numpy(ids), first_sample=p.samples.start,
+            )  # fmt: skip
+            for row, scan in enumerate(ids):
+                for col, s in enumerate(p.samples):
+                    name = f"scan{scan:05d}.png" if samples == 1 else f"scan{scan:05d}_s{s}.png"
+                    save_png(out / name, rec.images_NS3HW[row, col])
+                    written.append({"scan": int(scan), "sample": s, "file": name})
+            if rec.pooled_ND is not None:
+                if pooled is None:
+                    pooled = np.full((len(voxels), rec.pooled_ND.shape[1]), np.nan, dtype=np.float32)
+                pooled[ids] = rec.pooled_ND.numpy()
+            progress.advance(task, len(ids) * len(p.samples))
+    seconds = time.perf_counter() - t0
+    if pooled is not None:
+        atomic_write(out / "pooled.npy", lambda tmp: np.save(tmp, pooled))
+    written.sort(key=lambda w: (w["scan"], w["sample"]))
+    report |= {"images": written, "pooled": None if pooled is None else "pooled.npy", "skipped": skipped}
+    folder.report("complete", {**report, "seconds": round(seconds, 3)})
+    typer.echo(
+        f"decoded {len(good_ids)} scans ({len(skipped)} skipped) with {runner.name} into {out} in {seconds:.1f} s"
+    )
+
+
+def _decode_labels(
+    runner: DecodeBackend,
+    labels: list[int],
+    folder: RunFolder,
+    sampling: SamplingConfig,
+    samples: int,
+    batch: int,
+    source: dict,
+) -> None:
     """`decode --class-label`: images of class labels (VAR), written as classLLLL_NNN[_sK].png + decode.json."""
     import torch
     from rich.progress import Progress
 
-    from mindhier_rt.io import save_png, write_json
-    from mindhier_rt.pipeline import generate
+    from mindhier_rt.io import save_png
+    from mindhier_rt.pipeline import decode_passes, generate
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.path
+    report = {k: None if v is None else str(v) for k, v in source.items()}
+    report |= {"class_labels": list(labels), "backend": runner.name, "sampling": sampling.to_dict()}
+    report |= {"samples": samples, "batch": batch}
+    folder.report("running", {**report, "images": []})
     written: list[dict] = []
     t0 = time.perf_counter()
     with Progress(transient=True) as progress:
-        task = progress.add_task("decoding", total=len(labels))
-        for start in range(0, len(labels), batch):
-            ids = torch.arange(start, min(start + batch, len(labels)))
-            rec = generate(runner, torch.tensor(labels)[ids], sampling, samples=samples, scan_ids=ids)
+        task = progress.add_task("decoding", total=len(labels) * samples)
+        for p in decode_passes(len(labels), samples, batch):
+            ids = torch.arange(p.scans.start, p.scans.stop)
+            rec = generate(
+                runner, torch.tensor(labels)[ids], sampling, samples=len(p.samples), scan_ids=ids,
+                first_sample=p.samples.start,
+            )  # fmt: skip
             for row, i in enumerate(ids.tolist()):
-                for s in range(samples):
+                for col, s in enumerate(p.samples):
                     name = f"class{labels[i]:04d}_{i:03d}" + (f"_s{s}" if samples > 1 else "") + ".png"
-                    save_png(out / name, rec.images_NS3HW[row, s])
+                    save_png(out / name, rec.images_NS3HW[row, col])
                     written.append({"row": i, "class_label": labels[i], "sample": s, "file": name})
-            progress.advance(task, len(ids))
+            progress.advance(task, len(ids) * len(p.samples))
     seconds = time.perf_counter() - t0
-    report = {k: None if v is None else str(v) for k, v in source.items()}
-    report |= {"class_labels": list(labels), "backend": runner.name, "sampling": sampling.to_dict()}
-    report |= {"samples": samples, "images": written, "seconds": round(seconds, 3)}
-    write_json(out / "decode.json", report)
+    written.sort(key=lambda w: (w["row"], w["sample"]))
+    folder.report("complete", {**report, "images": written, "seconds": round(seconds, 3)})
     typer.echo(f"decoded {len(labels)} class labels with {runner.name} into {out} in {seconds:.1f} s")
 
 

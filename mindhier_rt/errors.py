@@ -27,6 +27,16 @@ class InputError(MindhierError):
     """Bad voxel data: wrong shape, wrong voxel count, NaN/inf values, unknown subject."""
 
 
+class BundleError(MindhierError):
+    """An engine bundle that is missing files, altered, malformed, reaches outside its folder, or is of another
+    format version."""
+
+
+class OutputError(MindhierError):
+    """An output path that cannot be used: a file where a folder is expected, no permission, a folder that holds
+    someone else's files, or a folder another run is writing into."""
+
+
 class BackendError(MindhierError):
     """A backend that is missing, misconfigured or asked for something it cannot do."""
 

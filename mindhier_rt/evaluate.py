@@ -490,6 +490,12 @@ def read_decode_dir(folder: PathLike) -> DecodedRun:
         raise InputError(f"{meta_path}: expected the decode.json of `mindhier-rt decode`, found no such file") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{meta_path}: expected decode.json with subject, fmri and images, found ({e!r})") from e
+    status = meta.get("status", "complete")  # decode.json written before run_folder had no status
+    if status != "complete":
+        raise InputError(
+            f"{meta_path}: expected a complete decode, found status {status!r} (the run was interrupted or is still "
+            "writing): decode again"
+        )
     run = DecodedRun(folder, subject, fmri, meta.get("key"))
     per_scan: dict[int, dict[int, Path]] = {}
     for entry in images:

@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "file_in_the_way",
     "finite_rows",
     "png_bytes",
     "read_voxels",
@@ -102,6 +103,15 @@ def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     if fsync:
         _fsync_dir(target.parent)
     log.debug("wrote %s", target)
+
+
+def file_in_the_way(path: PathLike) -> Path | None:
+    """The nearest existing ancestor of ``path`` (or ``path`` itself) if it is not a folder, else None: what
+    makes ``mkdir -p path`` fail with a confusing "File exists" / "Not a directory"."""
+    here = Path(path)
+    while not os.path.lexists(here) and here != here.parent:
+        here = here.parent
+    return None if here.is_dir() else here
 
 
 def atomic_write(path: PathLike, write_fn: Callable[[Path], Any], *, fsync: bool = True) -> Path:

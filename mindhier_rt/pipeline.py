@@ -41,6 +41,27 @@ class Reconstruction:
     pooled_ND: Tensor | None = None  # the encoder's pooled output per scan (the brain-predicted CLIP embedding)
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One forward pass of a batch job: ``scans`` (positions in the job's scan list) x ``samples``."""
+
+    scans: range
+    samples: range
+
+
+def decode_passes(n_scans: int, samples: int, batch: int) -> list[Pass]:
+    """Split ``n_scans`` x ``samples`` rows into passes of at most ``batch`` rows (a row is a (scan, sample)
+    pair): whole scans, ``batch // samples`` at a time, while a scan's samples fit in a pass; otherwise one scan
+    per pass with its samples in chunks of ``batch``. Memory then grows with ``batch``, never with the job."""
+    if batch < 1 or samples < 1 or n_scans < 0:
+        raise InputError(f"expected batch >= 1, samples >= 1 and scans >= 0, got {batch}, {samples}, {n_scans}")
+    if samples <= batch:
+        per = batch // samples
+        return [Pass(range(i, min(i + per, n_scans)), range(samples)) for i in range(0, n_scans, per)]
+    chunks = [range(s, min(s + batch, samples)) for s in range(0, samples, batch)]
+    return [Pass(range(i, i + 1), chunk) for i in range(n_scans) for chunk in chunks]
+
+
 def reconstruct(
     backend: DecodeBackend,
     voxels_NV: Tensor,
@@ -49,9 +70,11 @@ def reconstruct(
     samples: int = 1,
     scan_ids: Tensor | None = None,
     on_scale: Callable[[int], None] | None = None,
+    first_sample: int = 0,
     on_preview: Preview | None = None,
 ) -> Reconstruction:
-    """Decode a batch of scans (all of one subject) with ``samples`` draws each.
+    """Decode a batch of scans (all of one subject) with ``samples`` draws each: samples ``first_sample`` ..
+    ``first_sample + samples - 1`` of every scan (a sample's draws depend on its index, not on the pass).
 
     ``on_scale(i)`` is called once scale i's work is issued; on a GPU it may still be running (the loop does not
     wait for the device until the image is copied back). ``on_preview`` = (scales, callback): after each of those
@@ -67,7 +90,7 @@ def reconstruct(
         null = None
         if guidance_active(sampling, 0):  # the null condition: the encoding of all-zero voxels
             null = backend.encode(torch.zeros_like(voxels_NV[:1], device=dev, dtype=torch.float32), subject)
-        rec = _decode(backend, cond, null, sampling, samples, scan_ids, on_scale, on_preview)
+        rec = _decode(backend, cond, null, sampling, samples, scan_ids, on_scale, first_sample, on_preview)
     rec.pooled_ND = cond[0].float().cpu()
     return rec
 
@@ -79,8 +102,10 @@ def generate(
     samples: int = 1,
     scan_ids: Tensor | None = None,
     on_scale: Callable[[int], None] | None = None,
+    first_sample: int = 0,
 ) -> Reconstruction:
-    """Class-conditional models (VAR): ``samples`` images of each class label; rows keyed like scans.
+    """Class-conditional models (VAR): ``samples`` images of each class label (from sample index ``first_sample``
+    on); rows keyed like scans.
 
     The unconditional rows of guidance use the null label ``num_classes``; nothing is encoded.
     """
@@ -94,7 +119,7 @@ def generate(
     dev = backend.device
     null = (torch.full((1,), g.num_classes, dtype=torch.long, device=dev), None)
     with host_threads(backend):
-        return _decode(backend, (labels_N.to(dev), None), null, sampling, samples, scan_ids, on_scale)
+        return _decode(backend, (labels_N.to(dev), None), null, sampling, samples, scan_ids, on_scale, first_sample)
 
 
 def _decode(
@@ -105,6 +130,7 @@ def _decode(
     samples: int,
     scan_ids: Tensor | None,
     on_scale: Callable[[int], None] | None,
+    first_sample: int = 0,
     on_preview: Preview | None = None,
 ) -> Reconstruction:
     """The loop shared by every condition: ``cond`` = (condition [N, ...], context [N, S, D] or None) of the
@@ -115,7 +141,7 @@ def _decode(
     scan_ids = torch.arange(N) if scan_ids is None else scan_ids.to(torch.long).cpu()
     R = N * samples  # conditional rows, scan-major
     row_scan = scan_ids.repeat_interleave(samples).to(dev)
-    row_sample = torch.arange(samples).repeat(N).to(dev)
+    row_sample = torch.arange(first_sample, first_sample + samples).repeat(N).to(dev)
 
     cond_R = cond_N.repeat_interleave(samples, dim=0)
     context_RSD = None if context_NSD is None else context_NSD.repeat_interleave(samples, dim=0)

@@ -42,6 +42,7 @@ HASH_IV = 0x243F6A88  # first 32 bits of the fractional part of pi
 FMIX_C1 = 0x85EBCA6B  # MurmurHash3 fmix32 constants
 FMIX_C2 = 0xC2B2AE35
 U_SCALE = 2.0**-32  # u = h * 2**-32: exact in float64, 0 <= u <= 1 - 2**-32
+CFG_SCALE_MAX = 1000.0  # far above useful guidance (papers use up to ~10-20); finite in float32 / float16 math
 
 
 # ---- config ---------------------------------------------------------------------------------------
@@ -58,8 +59,11 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         cfg_scale = _as_float("cfg_scale", self.cfg_scale)
-        if not (math.isfinite(cfg_scale) and cfg_scale >= 0.0):
-            raise ConfigError(f"cfg_scale must be a finite float >= 0 (0 = no guidance), got {self.cfg_scale!r}")
+        # the loop computes in float32 (float16 in half bundles): a float64-finite 1e39 would be inf there
+        if not (math.isfinite(cfg_scale) and 0.0 <= cfg_scale <= CFG_SCALE_MAX):
+            raise ConfigError(
+                f"cfg_scale must be a finite float in [0, {CFG_SCALE_MAX:g}] (0 = no guidance), got {self.cfg_scale!r}"
+            )
         object.__setattr__(self, "cfg_scale", cfg_scale)
         if self.cfg_stop is not None and not (_is_int(self.cfg_stop) and self.cfg_stop >= 0):
             raise ConfigError(f"cfg_stop must be None or an int >= 0 (a 0-indexed scale), got {self.cfg_stop!r}")

@@ -21,6 +21,7 @@ on one thread (``benchmarks/ort_threads_ab.py``, ``benchmarks/results/profile_sm
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +29,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mindhier_rt.bundle import Bundle
-from mindhier_rt.errors import BackendError, InputError
+from mindhier_rt.bundle import Bundle, OnnxGraph
+from mindhier_rt.errors import BackendError, BundleError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,44 @@ class OrtState:
     past: list[np.ndarray] | None  # block-causal: 2 * depth arrays [B, H, past, c]
 
 
+def _tensors(graph) -> Iterator:
+    """Every TensorProto of an ONNX graph: initializers and node attributes, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _tensors(sub)
+
+
+def _check_external_refs(graph: OnnxGraph, bundle: Bundle) -> None:
+    """Every external weight file the model refers to must be the checked one the manifest lists; otherwise
+    onnxruntime would open a file by the name inside the model, outside the bundle's checks."""
+    import onnx
+
+    try:
+        model = onnx.load_from_string(graph.model)
+    except Exception as e:  # protobuf's DecodeError and friends: the bytes are not an ONNX model
+        raise BundleError(f"{bundle.root}: graph {graph.name} is not a readable ONNX model ({e})") from e
+    refs = {
+        entry.value
+        for t in _tensors(model.graph)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    unlisted = sorted(refs - set(graph.external))
+    if unlisted:
+        raise BundleError(
+            f"{bundle.root}: graph {graph.name} reads weights from {', '.join(unlisted)}; expected only its "
+            f"manifest external_data ({', '.join(graph.external) or 'none'})"
+        )
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -75,33 +114,47 @@ class OnnxRuntimeBackend:
             raise BackendError(
                 f"onnxruntime here offers {', '.join(ort.get_available_providers())}, not {', '.join(missing)}"
             )
-        self.options = ort.SessionOptions()
-        self.options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            self.options.intra_op_num_threads = threads
-        for pool in ("intra_op", "inter_op"):
-            self.options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if spinning else "0")
-        self.options.add_session_config_entry("session.force_spinning_stop", "1")
+        self.threads, self.spinning = threads, spinning
+        self.options = self._session_options()
         # PyTorch threads for the loop's host work; only the CPU provider competes with them for cores
         self.host_threads = host_threads if self.providers == ["CPUExecutionProvider"] else None
         self._sessions: dict[str, object] = {}
-        self.dtype = np.dtype(self.bundle.manifest["dtype"])
-        tables = self.bundle.manifest["tables"]
+        self.dtype = np.dtype(self.bundle.spec.dtype)
         self.rope_cos = self.rope_sin = None  # VAR blocks have no rotary tables
-        if "rope_cos" in tables:
-            self.rope_cos = np.load(self.bundle.path(tables["rope_cos"])).astype(self.dtype)
-            self.rope_sin = np.load(self.bundle.path(tables["rope_sin"])).astype(self.dtype)
+        if "rope_cos" in self.bundle.spec.tables:
+            self.rope_cos = self.bundle.load_table("rope_cos").astype(self.dtype)
+            self.rope_sin = self.bundle.load_table("rope_sin").astype(self.dtype)
         self.block_causal = self.cfg.generator.attn_mode == "block_causal"
         g = self.cfg.generator
         self.class_condition = g.condition == "class"
         self._empty_past = (g.heads, g.head_dim)
 
     # ---- plumbing --------------------------------------------------------------------------------
+    def _session_options(self):
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        for pool in ("intra_op", "inter_op"):
+            options.add_session_config_entry(f"session.{pool}.allow_spinning", "1" if self.spinning else "0")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        return options
+
     def session(self, name: str):
+        """The session of graph ``name``, created from the bundle's checked bytes (never from a path, so the
+        graph and weights used are the ones whose SHA-256 matched, and nothing outside the bundle is opened)."""
         if name not in self._sessions:
             ort = _ort()
-            path = self.bundle.path(self.bundle.graph(name)["file"])
-            self._sessions[name] = ort.InferenceSession(str(path), self.options, providers=self.providers)
+            graph = self.bundle.onnx_graph(name)
+            _check_external_refs(graph, self.bundle)
+            options = self.options
+            if graph.external:
+                options = self._session_options()
+                names = list(graph.external)
+                data = [graph.external[n] for n in names]
+                options.add_external_initializers_from_files_in_memory(names, data, [len(d) for d in data])
+            self._sessions[name] = ort.InferenceSession(graph.model, options, providers=self.providers)
         return self._sessions[name]
 
     def run(self, name: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -124,7 +177,7 @@ class OnnxRuntimeBackend:
     # ---- the decode contract ---------------------------------------------------------------------
     def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
         self.bundle.encoder_graph(subject)
-        expected = self.bundle.manifest["subjects"][subject]
+        expected = self.bundle.spec.subjects[subject]
         if voxels_BV.ndim != 2 or voxels_BV.shape[1] != expected:
             raise InputError(
                 f"subject {subject} expects {expected} voxels per scan, got shape {tuple(voxels_BV.shape)}"

@@ -334,16 +334,16 @@ def _scratch_bytes(engine: Any, profile: int) -> int:
 class _Engine:
     """One deserialized plan with an execution context per optimization profile."""
 
-    def __init__(self, trt: Any, runtime: Any, graph: str, path: Path, table: dict[str, Binding]) -> None:
+    def __init__(self, trt: Any, runtime: Any, graph: str, file: str, blob: bytes, table: dict[str, Binding]) -> None:
         self.trt, self.graph, self.table = trt, graph, table
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(blob)  # the plan's checked bytes (Bundle.read_bytes)
         if self.engine is None:
-            raise PlanMismatchError(f"TensorRT could not deserialize {path.name} (its log above says why)")
+            raise PlanMismatchError(f"TensorRT could not deserialize {file} (its log above says why)")
         self._check_io()
         self.n_profiles = len(next(iter(table.values())).shapes)
         if self.engine.num_optimization_profiles != self.n_profiles:
             raise PlanMismatchError(
-                f"{path.name} has {self.engine.num_optimization_profiles} optimization profiles, "
+                f"{file} has {self.engine.num_optimization_profiles} optimization profiles, "
                 f"the manifest expects {self.n_profiles}: rebuild the plans"
             )
         self.contexts: list[Any] = []
@@ -458,7 +458,7 @@ class TensorRTBackend:
             for warning in check_plan_metadata(graph, plans[graph], env):
                 log.warning(warning)
         self.cfg = self.bundle.cfg
-        self.dtype = manifest["dtype"]
+        self.dtype = self.bundle.spec.dtype
         self.cuda_graphs = cuda_graphs
         self.trt = trt
         self.logger = trt.Logger(getattr(trt.Logger, log_level))
@@ -468,7 +468,9 @@ class TensorRTBackend:
         self.buffers = {name: self.memory.alloc(nbytes) for name, nbytes in self.plan.buffers.items()}
         self._upload_tables()
         self.engines = {
-            g: _Engine(trt, self.runtime, g, self.bundle.path(plans[g]["file"]), self.plan.bindings[g])
+            g: _Engine(
+                trt, self.runtime, g, plans[g]["file"], self.bundle.read_bytes(plans[g]["file"]), self.plan.bindings[g]
+            )
             for g in self.plan.graphs
         }
         if self.plan.self_cache == "in_place":
@@ -497,13 +499,12 @@ class TensorRTBackend:
         return self._address(self.plan.binding(graph, name), profile)
 
     def _upload_tables(self) -> None:
-        tables = self.bundle.manifest.get("tables", {})
         step = self.plan.bindings[self.plan.step_graph]
         rope_dtype = step["rope.cos"].dtype if "rope.cos" in step else "float32"
         for key, buffer in (("rope_cos", "table.rope_cos"), ("rope_sin", "table.rope_sin")):
             if buffer not in self.buffers:
                 continue
-            rows = torch.from_numpy(np.load(self.bundle.path(tables[key]))).to(TORCH_DTYPES[rope_dtype])
+            rows = torch.from_numpy(self.bundle.load_table(key)).to(TORCH_DTYPES[rope_dtype])
             image = np.zeros(self.plan.buffers[buffer], np.uint8)
             for first, count, offset in self.plan.rope_layout:
                 data = rows[first : first + count].contiguous().view(torch.uint8).numpy().reshape(-1)
@@ -512,8 +513,8 @@ class TensorRTBackend:
         if self.plan.write_indices_stride is not None:
             stride, rows = self.plan.write_indices_stride, self.plan.rows.rows
             image = np.zeros(self.plan.buffers["table.write_indices"], np.uint8)
-            for i, scale in enumerate(self.bundle.manifest["scales"]):
-                image[i * stride : i * stride + rows * 8] = np.full(rows, scale["offset"], np.int64).view(np.uint8)
+            for i, scale in enumerate(self.bundle.spec.scales):
+                image[i * stride : i * stride + rows * 8] = np.full(rows, scale.offset, np.int64).view(np.uint8)
             self.memory.upload(self.buffers["table.write_indices"], image)
 
     def _check_aliasing(self) -> None:

@@ -116,7 +116,7 @@ def write_repository(spec: RepositorySpec, out: Path, copy: bool) -> Path:
         from mindhier_rt.bundle import Bundle
 
         bundle = Bundle.open(spec.engine)  # verified: a broken bundle is refused before anything is written
-        sampling_defaults = SamplingConfig.from_dict(bundle.manifest.get("sampling", {}))
+        sampling_defaults = bundle.spec.sampling
         if copy:
             shutil.copytree(bundle.root, out / "bundle")
             Bundle.open(out / "bundle")
