@@ -37,6 +37,17 @@ from mindhier_rt.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
 
+
+class _WithoutTorchvisionNotices(logging.Filter):
+    """torch.onnx's exporter warns once per torchvision operator (nms, roi_align, ...) when torchvision is not
+    installed; our graphs use none of them, so the notice tells the user nothing they could act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("torchvision is not installed")
+
+
+logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_WithoutTorchvisionNotices())
+
 OPSET = 18
 EXTERNAL_DATA_BYTES = 64 << 20  # graphs with more weights than this keep them in a .data file
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -275,7 +286,7 @@ def export_bundle(
     samples: int = 1,
     sampling: SamplingConfig | None = None,
     source: str | None = None,
-    on_graph: Callable[[str], None] | None = None,
+    on_graph: Callable[[str], None] | None = None,  # called with each graph's name as its export starts
     subjects: list[str] | None = None,
 ) -> Bundle:
     """Write the bundle of ``models`` to ``out``; returns it opened (checksums verified).

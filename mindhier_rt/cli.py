@@ -36,13 +36,18 @@ app = typer.Typer(
 log = logging.getLogger("mindhier_rt")
 
 
+RECORDED = "{} (default: the bundle's recorded setting; a checkpoint's: docs/sampling.md)"
+
+
 def _echo_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
 @app.command()
 def info(
-    preset_name: Annotated[str, typer.Option("--preset", help="tiny, small, mindhier-256 or mindhier-512")] = "tiny",
+    preset_name: Annotated[
+        str, typer.Option("--preset", help="tiny, small, demo, mindhier-256 or mindhier-512")
+    ] = "tiny",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Config, schedule and parameter counts of a preset (models built on the meta device: instant)."""
@@ -67,9 +72,14 @@ def info(
     g = cfg.generator
     typer.echo(f"preset {cfg.name}: {cfg.image_size} px, {s.n_scales} scales, {s.total_tokens} tokens")
     typer.echo(f"  patch_nums      {s.patch_nums}")
+    if cfg.encoder is not None:  # voxels per scan: what the rows of a --fmri file must hold
+        pairs = [f"{name} {count:,}" for name, count in cfg.encoder.subjects]
+        for k in range(0, len(pairs), 4):
+            label = "voxels per scan" if k == 0 else ""
+            typer.echo(f"  {label:<15} {', '.join(pairs[k : k + 4])}")
     typer.echo(f"  generator       depth {g.depth}, width {g.width}, heads {g.heads}, {g.attn_mode}")
     typer.echo(f"  levels          M={s.n_levels} x {s.context_tokens} x {cfg.context_dim}, guidance {s.guidance}")
-    typer.echo(f"  level of scale  {s.level_of_scale}  (1 = shallow e_1, {s.n_levels} = deep e_{s.n_levels})")
+    typer.echo(f"  level of scale  {s.level_of_scale} (1: shallow e_1, {s.n_levels}: deep)")
     typer.echo(f"  clip layers     {s.clip_layers}")
     for name, n in params.items():
         typer.echo(f"  {name:<15} {n / 1e6:10.1f} M parameters")
@@ -78,7 +88,9 @@ def info(
 @app.command()
 def init(
     out: Annotated[Path, typer.Option("--out", help="checkpoint file to write (.safetensors)")],
-    preset_name: Annotated[str, typer.Option("--preset")] = "tiny",
+    preset_name: Annotated[str, typer.Option("--preset", help="tiny, small, demo, mindhier-256 or mindhier-512")] = (
+        "tiny"
+    ),
     seed: Annotated[int, typer.Option(help="seed of the random weights")] = 0,
     attn_mode: Annotated[str | None, typer.Option(help="override: scale_local or block_causal")] = None,
 ) -> None:
@@ -126,8 +138,11 @@ def export(
     with Progress(transient=True) as progress:
         task = progress.add_task("exporting", total=n_graphs)
 
-        def on_graph(name: str) -> None:
-            progress.update(task, description=f"exporting {name}", advance=1)
+        started: list[str] = []
+
+        def on_graph(name: str) -> None:  # called as each graph starts: the one before it is done
+            progress.update(task, description=f"exporting {name}", advance=1 if started else 0)
+            started.append(name)
 
         bundle = export_bundle(
             models, out, dtype=dtype, batch=batch, samples=samples, source=str(ckpt), on_graph=on_graph,
@@ -204,12 +219,16 @@ def decode(
         str | None, typer.Option(help="torch or torch-fast (--ckpt); onnxruntime (default) or tensorrt (--engine)")
     ] = None,
     samples: Annotated[int, typer.Option(min=1, help="samples per scan")] = 1,
-    seed: Annotated[int, typer.Option(min=0, help="seed of the token draws")] = 0,
-    cfg_scale: Annotated[float, typer.Option("--cfg", min=0.0, help="guidance scale (0 = off)")] = 6.0,
-    cfg_stop: Annotated[int | None, typer.Option(help="switch guidance off from this 0-indexed scale on")] = None,
-    top_k: Annotated[int, typer.Option(min=0)] = 400,
-    top_p: Annotated[float, typer.Option()] = 0.95,
-    greedy: Annotated[bool, typer.Option(help="argmax instead of sampling")] = False,
+    seed: Annotated[int | None, typer.Option(min=0, help=RECORDED.format("seed of the token draws"))] = None,
+    cfg_scale: Annotated[float | None, typer.Option("--cfg", min=0.0, help=RECORDED.format("guidance scale"))] = None,
+    cfg_stop: Annotated[
+        int | None, typer.Option(help=RECORDED.format("first scale without guidance (-1: none)"))
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(min=0, help=RECORDED.format("top-k (0: off)"))] = None,
+    top_p: Annotated[float | None, typer.Option(help=RECORDED.format("top-p (1: off)"))] = None,
+    greedy: Annotated[
+        bool | None, typer.Option("--greedy/--no-greedy", help=RECORDED.format("argmax instead of sampling"))
+    ] = None,
     batch: Annotated[
         int, typer.Option(min=1, help="rows per forward pass: scans x samples, samples split when they exceed it")
     ] = 8,
@@ -226,20 +245,21 @@ def decode(
     """
     from mindhier_rt.io import finite_rows, read_voxels
     from mindhier_rt.run_folder import claim_run_folder
-    from mindhier_rt.sampling import SamplingConfig
+    from mindhier_rt.sampling import recorded_sampling, with_overrides
 
-    sampling = SamplingConfig(
-        cfg_scale=cfg_scale, cfg_stop=cfg_stop, top_k=top_k, top_p=top_p, greedy=greedy, seed=seed
-    )
+    flags = {"seed": seed, "cfg_scale": cfg_scale, "cfg_stop": cfg_stop, "top_k": top_k, "top_p": top_p}
+    flags["greedy"] = greedy
     if (fmri is None) == (not class_label) or (fmri is not None and subject is None):
         raise InputError("give --fmri VOXELS --subject S (fMRI models) or --class-label N (class-conditional models)")
     with claim_run_folder(out) as folder:  # refused at once if the folder is unusable or another run holds it
         if class_label:
             runner = _open_backend(ckpt, engine, backend, device, vae)
+            sampling, _ = with_overrides(recorded_sampling(runner), **flags)
             _decode_labels(runner, class_label, folder, sampling, samples, batch, {"ckpt": ckpt, "engine": engine})
             return
         voxels = read_voxels(fmri, key=key)
         runner = _open_backend(ckpt, engine, backend, device, vae)
+        sampling, sampling_source = with_overrides(recorded_sampling(runner), **flags)
         if runner.cfg.generator.condition == "class":
             raise InputError(f"model {runner.cfg.name} is class-conditional: pass --class-label N instead of --fmri")
         expected = runner.cfg.encoder.voxel_count(subject)
@@ -259,6 +279,7 @@ def decode(
             "subject": subject,
             "backend": runner.name,
             "sampling": sampling.to_dict(),
+            "sampling_source": sampling_source,
             "samples": samples,
             "batch": batch,
         }
@@ -539,16 +560,22 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="output folder")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(min=0)] = 0,
     steps_scale: Annotated[float, typer.Option(min=0.001, help="multiply every training step count")] = 1.0,
+    quick: Annotated[
+        bool, typer.Option(help="a first picture in about a minute: a tenth of the training (scores near chance)")
+    ] = False,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
 ) -> None:
     """Synthesise data, train tiny models, decode the held-out scans, write images and metrics."""
     from mindhier_rt.demo import DemoSettings, run_demo
 
     settings = DemoSettings(seed=seed).scaled(steps_scale)
+    if quick:
+        settings = settings.quick()
     metrics = run_demo(out, settings, progress=progress, say=typer.echo)
     keys = ("pixcorr", "ssim", "two_way_pixel", "two_way_feature", "n_test", "backend", "seconds")
-    typer.echo("metrics: " + ", ".join(f"{k}={metrics[k]}" for k in keys))
-    typer.echo(f"wrote {out / 'reconstructions.png'} and {out / 'metrics.json'}")
+    typer.echo("metrics: " + ", ".join(f"{k}={metrics[k]}" for k in keys) + " (two-way chance: 0.5)")
+    files = ("reconstructions.png", "progression.png", "metrics.png", "losses.png", "metrics.json")
+    typer.echo(f"wrote {', '.join(str(out / f) for f in files if (out / f).exists())}")
 
 
 @app.command()
@@ -557,8 +584,13 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="data folder: mindhier-rt layout or the MindEye2 NSD files")],
     subject: Annotated[str, typer.Option("--subject", help="subject id, e.g. subj01")],
     weights_dir: Annotated[
-        Path, typer.Option("--weights-dir", help="local weights of AlexNet, Inception-v3, EfficientNet-B1, SwAV, CLIP")
-    ] = Path("~/.cache/mindhier-rt/weights"),
+        Path | None,
+        typer.Option(
+            "--weights-dir",
+            help="folder of AlexNet, Inception-v3, EfficientNet-B1, SwAV, CLIP weights (searched first; then "
+            "~/.cache/mindhier-rt/weights, torch.hub's, CLIP's and the Hugging Face hub's caches)",
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write the results to this JSON file")] = None,
     metrics: Annotated[
         str | None,
@@ -584,7 +616,7 @@ def evaluate(
 
     names = None if metrics is None else [m.strip() for m in metrics.split(",") if m.strip()]
     result = evaluate_decode(
-        recon, data, subject, weights_dir.expanduser(), names, clip_model=clip_model,
+        recon, data, subject, weights_dir, names, clip_model=clip_model,
         oracle_best_of_n=oracle_best_of_n, device=device, batch=batch,
         on_progress=lambda msg: typer.echo(f"{msg} ...", err=True),
     )  # fmt: skip
@@ -993,50 +1025,49 @@ def client(
     writes the PNGs and decode.json that `decode` writes for the same settings."""
     import numpy as np
 
-    from mindhier_rt.io import atomic_write_bytes, finite_rows, png_bytes_uint8, read_voxels, write_json
+    from mindhier_rt.io import atomic_write_bytes, finite_rows, png_bytes_uint8, read_voxels
+    from mindhier_rt.run_folder import claim_run_folder
     from mindhier_rt.serve.client import RemoteDecoder, Settings
 
     voxels = read_voxels(fmri, key=key)
     settings = Settings(samples, seed, cfg_scale, cfg_stop, top_k, top_p, greedy)
     remote = RemoteDecoder(url, protocol, concurrency)
-    sampling = remote.sampling_used(settings)
+    report = {
+        "ckpt": None, "engine": None, "server": url, "protocol": protocol, "fmri": str(fmri),
+        "fmri_resolved": str(fmri.resolve()), "key": key, "subject": subject, "backend": f"triton ({protocol})",
+        "sampling": remote.sampling_used(settings), "samples": samples, "pooled": None,
+    }  # fmt: skip
     good = finite_rows(voxels)
     skipped = [{"scan": int(i), "reason": "NaN or inf voxels"} for i in (~good).nonzero()[0]]
     for s in skipped:
         typer.echo(f"warning: scan {s['scan']}: {s['reason']}, skipped", err=True)
     ids = good.nonzero()[0]
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    written: list[dict] = []
+    with claim_run_folder(out) as folder:  # one run per folder; decode.json says running, then complete
+        folder.report("running", {**report, "images": [], "skipped": skipped})
+        t0 = time.perf_counter()
+        written: list[dict] = []
 
-    def write(scan: int, images_SHW3: np.ndarray, suffix: str = "") -> None:
-        for s in range(images_SHW3.shape[0]):
-            name = f"scan{scan:05d}{suffix}" + ("" if samples == 1 else f"_s{s}") + ".png"
-            atomic_write_bytes(out / name, png_bytes_uint8(images_SHW3[s]))
-            if not suffix:
-                written.append({"scan": int(scan), "sample": s, "file": name})
+        def write(scan: int, images_SHW3: np.ndarray, suffix: str = "") -> None:
+            for s in range(images_SHW3.shape[0]):
+                name = f"scan{scan:05d}{suffix}" + ("" if samples == 1 else f"_s{s}") + ".png"
+                atomic_write_bytes(out / name, png_bytes_uint8(images_SHW3[s]))
+                if not suffix:
+                    written.append({"scan": int(scan), "sample": s, "file": name})
 
-    if previews is None:
-        images, _ = remote.decode(voxels[ids].astype(np.float32), subject, ids.astype(np.int64), settings)
-        for row, scan in enumerate(ids):
-            write(int(scan), images[row])
-    else:
-        wanted = [int(x) for x in previews.split(",") if x.strip()]
-        for scan in ids:
-            one = voxels[scan : scan + 1].astype(np.float32)
-            for scale, images, tokens in remote.stream(one, subject, int(scan), settings, wanted):
-                final = tokens.shape[-1] > 0  # previews carry no tokens
-                write(int(scan), images[0], suffix="" if final else f"_scale{scale}")
-    seconds = time.perf_counter() - t0
-    write_json(
-        out / "decode.json",
-        {
-            "ckpt": None, "engine": None, "server": url, "protocol": protocol,
-            "fmri": str(fmri), "fmri_resolved": str(fmri.resolve()), "key": key, "subject": subject,
-            "backend": f"triton ({protocol})", "sampling": sampling, "samples": samples, "images": written,
-            "pooled": None, "skipped": skipped, "seconds": round(seconds, 3),
-        },
-    )  # fmt: skip
+        if previews is None:
+            images, _ = remote.decode(voxels[ids].astype(np.float32), subject, ids.astype(np.int64), settings)
+            for row, scan in enumerate(ids):
+                write(int(scan), images[row])
+        else:
+            wanted = [int(x) for x in previews.split(",") if x.strip()]
+            for scan in ids:
+                one = voxels[scan : scan + 1].astype(np.float32)
+                for scale, images, tokens in remote.stream(one, subject, int(scan), settings, wanted):
+                    final = tokens.shape[-1] > 0  # previews carry no tokens
+                    write(int(scan), images[0], suffix="" if final else f"_scale{scale}")
+        seconds = time.perf_counter() - t0
+        report |= {"images": written, "skipped": skipped, "seconds": round(seconds, 3)}
+        folder.report("complete", report)
     typer.echo(f"decoded {len(ids)} scans ({len(skipped)} skipped) through {url} into {out} in {seconds:.1f} s")
     if not len(ids):
         raise typer.Exit(1)

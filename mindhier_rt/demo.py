@@ -3,11 +3,13 @@
 synthesise stimuli + two simulated subjects -> train the VQ-VAE -> stage 1 (encoder aligned to a frozen
 teacher's layer taps) -> stage 2 (generator on the token pyramids, condition dropout) -> save one
 checkpoint -> export the engine bundle -> decode the held-out test scans (repeats averaged) with
-onnxruntime through that bundle -> reconstructions.png + metrics.json.
+onnxruntime through that bundle -> metrics.json and the figures: reconstructions.png (seen / reconstructed),
+progression.png (coarse to fine), metrics.png (scores against chance), losses.png.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -16,11 +18,12 @@ from pathlib import Path
 
 import torch
 
+from mindhier_rt import figures
 from mindhier_rt.config import ModelConfig, preset
 from mindhier_rt.data.nsd import BrainDataset, write_dataset
 from mindhier_rt.data.synthetic import make_synthetic
 from mindhier_rt.export.onnx_export import export_bundle
-from mindhier_rt.io import save_grid_png, write_json
+from mindhier_rt.io import write_json
 from mindhier_rt.metrics import pixcorr, ssim, two_way_identification
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.pipeline import reconstruct
@@ -57,6 +60,12 @@ class DemoSettings:
         s.vq_steps, s.stage1_steps, s.stage2_steps = (
             max(2, int(n * factor)) for n in (self.vq_steps, self.stage1_steps, self.stage2_steps)
         )
+        return s
+
+    def quick(self) -> DemoSettings:
+        """About a minute on 2 cores: a third of the stimuli, a tenth of the steps (a first picture, not a result)."""
+        s = self.scaled(0.1)
+        s.n_train, s.n_test = 400, 40
         return s
 
     def train_config(self, stage: str) -> TrainConfig:
@@ -146,12 +155,64 @@ def run_demo(
         "sampling": s.sampling.to_dict(),
         "seed": s.seed,
         "phase_seconds": timings,
-        "seconds": round(time.perf_counter() - t_start, 2),
     }
-    n_show = min(12, len(gt))
-    save_grid_png(out / "reconstructions.png", [list(gt[:n_show]), list(recon[:n_show])])
+    t0 = time.perf_counter()
+    write_figures(out, backend, data, s, metrics, recon, gt)
+    phase("figures", t0)
+    metrics["seconds"] = round(time.perf_counter() - t_start, 2)
     write_json(out / "metrics.json", metrics)
     return metrics
+
+
+CHANCE = {"two_way_pixel": 0.5, "two_way_feature": 0.5, "pixcorr": 0.0, "ssim": None}
+
+
+def write_figures(
+    out: Path, backend: DecodeBackend, data: BrainDataset, s: DemoSettings, metrics: dict, recon, gt
+) -> None:
+    """reconstructions.png (40 test images, seen above reconstructed), progression.png (six decodes after every
+    scale), metrics.png (each score against chance) and losses.png (the three stages' training losses)."""
+    summary = ", ".join(
+        f"{k.replace('_', ' ')} {metrics[k]:.3f}" + (f" (chance {CHANCE[k]:.1f})" if CHANCE[k] is not None else "")
+        for k in ("two_way_pixel", "two_way_feature", "pixcorr", "ssim")
+    )
+    n = min(40, len(gt))
+    grid = figures.pairs_grid(
+        list(gt[:n]), list(recon[:n]), columns=10, scale=3,
+        title=f"mindhier-rt demo: {n} of {len(gt)} held-out test scans of {s.decode_subject} (seed {s.seed})",
+        subtitle=summary, labels=[f"test {i}" for i in range(n)],
+    )  # fmt: skip
+    figures.save_figure(out / "reconstructions.png", grid)
+
+    k = min(6, len(gt))  # the same scans, rows and seeds as above: the last column is their reconstruction
+    voxels, _ = data.split(s.decode_subject, "test")
+    K = backend.cfg.schedule.n_scales
+    steps: list[list] = [[] for _ in range(k)]
+
+    def keep(_: int, images_NS3HW: torch.Tensor) -> None:
+        for row in range(k):
+            steps[row].append(images_NS3HW[row, 0])
+
+    final = reconstruct(
+        backend, torch.from_numpy(voxels[:k]), s.decode_subject, s.sampling, on_preview=(range(K - 1), keep)
+    ).images_NS3HW[:, 0]
+    for row in range(k):
+        steps[row].append(final[row])
+    pn = backend.cfg.schedule.patch_nums
+    labels = [f"scale {i + 1} ({p}x{p})" for i, p in enumerate(pn)]
+    figures.save_figure(out / "progression.png", figures.progression_grid(steps, list(gt[:k]), labels, scale=3))
+
+    rows = [(name.replace("_", " "), float(metrics[name]), CHANCE[name]) for name in CHANCE]
+    figures.save_figure(out / "metrics.png", figures.metrics_panel(rows, f"demo scores, {len(gt)} test scans"))
+
+    series = {}
+    for stage in ("vqvae", "stage1", "stage2"):
+        path = out / "train" / f"{stage}.log.jsonl"
+        if path.is_file():
+            records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            series[stage] = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if series:
+        figures.save_figure(out / "losses.png", figures.loss_plot(series))
 
 
 def evaluate(

@@ -22,14 +22,16 @@ Several samples per scan: the sample kept is the one whose CLIP embedding (same 
 brain-predicted embedding. Comparing with the ground truth instead is an oracle (the reference code does it); it
 is only done when asked for and is labelled as such in the results.
 
-Weights come from local files only (nothing is downloaded), looked up in a weights folder by the names of
-:data:`NETWORKS` (ours first, then the names the files have where they are published).
+Weights come from local files only (nothing is downloaded), looked up by the names of :data:`NETWORKS` (ours
+first, then the names the files have where they are published) in the folders of :func:`weight_search_path`: a
+folder the user names, then where torchvision / torch.hub, OpenAI's CLIP and the Hugging Face hub cache them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -308,6 +310,35 @@ def _parse_metrics(metrics: Iterable[str] | None) -> tuple[str, ...]:
     return names
 
 
+DEFAULT_WEIGHTS_DIR = Path("~/.cache/mindhier-rt/weights")
+# open_clip model name -> its OpenAI weights on the Hugging Face hub (where open_clip caches them)
+HF_CLIP_REPOS = {"ViT-L-14": "timm/vit_large_patch14_clip_224.openai"}
+HF_CLIP_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+
+
+def weight_search_path(weights_dir: PathLike | None = None, clip_model: str = "ViT-L-14") -> list[Path]:
+    """Folders searched for weight files, in order: ``weights_dir``, ~/.cache/mindhier-rt/weights, torch.hub's
+    checkpoints ($TORCH_HOME/hub/checkpoints: torchvision's and SwAV's downloads), OpenAI CLIP's download folder
+    (~/.cache/clip: ViT-L-14.pt) and the Hugging Face hub snapshots of ``clip_model``'s weights ($HF_HUB_CACHE,
+    $HUGGINGFACE_HUB_CACHE or $HF_HOME/hub)."""
+    folders = [Path(weights_dir).expanduser()] if weights_dir else []
+    folders.append(DEFAULT_WEIGHTS_DIR.expanduser())
+    torch_home = Path(os.environ.get("TORCH_HOME") or _cache_home() / "torch").expanduser()
+    folders += [torch_home / "hub" / "checkpoints", _cache_home() / "clip"]
+    hub = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    hf_home = Path(os.environ.get("HF_HOME") or _cache_home() / "huggingface")
+    hub_dir = Path(hub).expanduser() if hub else hf_home.expanduser() / "hub"
+    repo = HF_CLIP_REPOS.get(clip_model)
+    if repo is not None:
+        snapshots = hub_dir.expanduser() / f"models--{repo.replace('/', '--')}" / "snapshots"
+        folders += sorted(snapshots.glob("*")) if snapshots.is_dir() else [snapshots / "<revision>"]
+    return folders
+
+
 class EvalSuite:
     """The protocol's metrics with weights from ``weights_dir``; networks are loaded on first use.
 
@@ -317,14 +348,14 @@ class EvalSuite:
 
     def __init__(
         self,
-        weights_dir: PathLike,
+        weights_dir: PathLike | None,
         metrics: Iterable[str] | None = None,
         clip_model: str = "ViT-L-14",
         device: str = "cpu",
         batch: int = 16,
         need_clip: bool = False,
     ) -> None:
-        self.weights_dir = Path(weights_dir)
+        self.search_path = weight_search_path(weights_dir, clip_model)
         self.metrics = _parse_metrics(metrics)
         self.clip_model, self.device, self.batch = clip_model, device, batch
         nets = {METRICS[m][0] for m in self.metrics} - {None}
@@ -334,20 +365,21 @@ class EvalSuite:
         missing = []
         for net in sorted(nets):
             names = self.clip_files() if net == "clip" else NETWORKS[net].files
-            found = next((self.weights_dir / n for n in names if (self.weights_dir / n).is_file()), None)
+            found = next((d / n for d in self.search_path for n in names if (d / n).is_file()), None)
             if found is None:
-                missing.append(
-                    f"{self.weights_dir / names[0]} ({net}" + (f"; or {', '.join(names[1:])})" if names[1:] else ")")
-                )
+                missing.append(f"{net} ({', '.join(names)})")
             else:
                 self.files[net] = found
         if missing:
-            raise InputError(f"expected local weight files, found none at: {'; '.join(missing)}")
+            raise InputError(
+                f"expected local weight files, found none for: {'; '.join(missing)}; looked in "
+                f"{', '.join(map(str, self.search_path))} (put them in the first, or pass --weights-dir)"
+            )
         self._extractors: dict[str, TapExtractor] = {}
         self._clip: ClipFeatures | None = None
 
     def clip_files(self) -> tuple[str, ...]:
-        return tuple(f"{self.clip_model}{ext}" for ext in (".pt", ".safetensors", ".bin"))
+        return tuple(f"{self.clip_model}{ext}" for ext in (".pt", ".safetensors", ".bin")) + HF_CLIP_FILES
 
     def clip(self) -> ClipFeatures:
         if self._clip is None:
@@ -534,7 +566,7 @@ def evaluate_decode(
     recon_dir: PathLike,
     data_root: PathLike,
     subject: str,
-    weights_dir: PathLike,
+    weights_dir: PathLike | None,
     metrics: Iterable[str] | None = None,
     clip_model: str = "ViT-L-14",
     oracle_best_of_n: bool = False,

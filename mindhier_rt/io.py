@@ -80,6 +80,17 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (changing it is not thread-safe)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on failure it is removed.
@@ -93,6 +104,8 @@ def atomic_path(path: PathLike, *, fsync: bool = True) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"the writer for {target} did not create its temporary file {tmp}")
+        # the mode a plain open() would give: some writers (safetensors) create their file private (0600)
+        os.chmod(tmp, 0o666 & ~_umask())
         if fsync:
             _fsync_file(tmp)
         os.replace(tmp, target)

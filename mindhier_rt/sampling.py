@@ -91,6 +91,29 @@ class SamplingConfig:
         return cls(**d)
 
 
+def recorded_sampling(backend: object) -> SamplingConfig:
+    """The sampling settings a backend's model was exported with (an engine bundle's manifest records them), or
+    the defaults of ``SamplingConfig`` for a checkpoint."""
+    bundle = getattr(backend, "bundle", None)
+    spec = getattr(bundle, "spec", None)
+    return spec.sampling if spec is not None else SamplingConfig()
+
+
+def with_overrides(base: SamplingConfig, **overrides: object) -> tuple[SamplingConfig, dict[str, str]]:
+    """``base`` with the settings a user gave (None: not given; ``cfg_stop`` < 0: guidance on at every scale),
+    and where each field of the result came from: ``"flag"`` or ``"recorded"`` (the base)."""
+    fields = base.to_dict()
+    source = dict.fromkeys(fields, "recorded")
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ConfigError(f"unknown sampling setting {name!r}; expected one of {sorted(fields)}")
+        if value is None:
+            continue
+        fields[name] = None if name == "cfg_stop" and _is_int(value) and value < 0 else value
+        source[name] = "flag"
+    return SamplingConfig(**fields), source
+
+
 def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 

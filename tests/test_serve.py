@@ -164,7 +164,7 @@ def test_http_client_writes_the_decode_command_s_files(server, bundle, cli, tmp_
     assert [p.name for p in got] == [p.name for p in ref] and len(ref) == 4
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(ref, got, strict=True))
     ref_json, got_json = (json.loads((tmp_path / d / "decode.json").read_text()) for d in ("ref", "got"))
-    for field in ("sampling", "samples", "images", "skipped", "subject"):
+    for field in ("status", "sampling", "samples", "images", "skipped", "subject"):
         assert got_json[field] == ref_json[field], field
 
 
@@ -274,11 +274,13 @@ def test_sigterm_finishes_the_requests_in_flight(bundle, tmp_path):
             client.close()
 
     thread = threading.Thread(target=decode)
-    thread.start()
-    time.sleep(0.3)  # the request has reached the model
-    assert thread.is_alive(), result
-    code = srv.stop()  # SIGTERM, then wait for the exit
-    thread.join(120)
+    try:
+        thread.start()
+        time.sleep(0.3)  # the request has reached the model
+        assert thread.is_alive(), result
+    finally:
+        code = srv.stop()  # SIGTERM, then wait for the exit
+        thread.join(120)
     assert code == 0 and "error" not in result, result
     assert result["images"].shape[:2] == (8, 16)  # answered, although SIGTERM came while it was being decoded
     assert "Signal (15) received" in srv.log_tail(400)
