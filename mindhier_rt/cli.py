@@ -945,7 +945,7 @@ def serve(
 
     Models: `mindhier` (voxels + subject [+ seed, samples, cfg, ...] -> images, tokens; dynamic batching) and
     `mindhier_progressive` (streams the image decoded so far after chosen scales, then the final image).
-    Needs `pip install 'mindhier-rt[serve]'`. See docs/serving.md.
+    Needs the serve extra (pip install 'mindhier-rt\\[serve]'). See docs/serving.md.
     """
     import signal
     import tempfile

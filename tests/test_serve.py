@@ -125,10 +125,10 @@ def test_repository_configs(tmp_path, bundle):
     text = (repo / MODEL / "config.pbtxt").read_text()
     assert 'backend: "python"' in text and "max_batch_size: 4" in text and "dynamic_batching" in text
     assert "kind: KIND_GPU" in text and "gpus: [ 0, 1 ]" in text and "count: 2" in text
-    assert 'string_value: "bundle"' in text and "optional: true" in text and "decoupled" not in text
+    assert 'string_value: "mindhier/bundle"' in text and "optional: true" in text and "decoupled" not in text
     progressive = (repo / PROGRESSIVE_MODEL / "config.pbtxt").read_text()
     assert "decoupled: true" in progressive and 'name: "previews"' in progressive
-    assert (repo / "bundle" / "manifest.json").is_file()
+    assert (repo / MODEL / "bundle" / "manifest.json").is_file()
     assert "TritonPythonModel" in (repo / MODEL / "1" / "model.py").read_text()
     defaults = json.loads(text.split('key: "sampling_defaults"')[1].split("string_value: ")[1].split(" }")[0])
     assert SamplingConfig.from_dict(json.loads(defaults)) == SamplingConfig.from_dict(bundle.manifest["sampling"])
@@ -145,7 +145,8 @@ def server(bundle, tmp_path_factory):
     pytest.importorskip("tritonclient.grpc")
     from mindhier_rt.serve.server import running
 
-    repo = write_repository(RepositorySpec(engine=bundle.root, max_batch=8), tmp_path_factory.mktemp("r") / "r", False)
+    # the repository export-triton writes: the bundle copied inside it, referenced relatively
+    repo = write_repository(RepositorySpec(engine=bundle.root, max_batch=8), tmp_path_factory.mktemp("r") / "r", True)
     with running(repo, exit_timeout_s=5) as srv:  # a client's idle keep-alive connection holds a stop that long
         yield srv
 

@@ -6,7 +6,7 @@ writes for the stock ``tritonserver`` container.
       mindhier/1/model.py                 from mindhier_rt.serve.triton_model import TritonPythonModel
       mindhier_progressive/config.pbtxt   the same, decoupled (streams a preview after chosen scales)
       mindhier_progressive/1/model.py
-      bundle/                             with copy=True: the engine bundle, verified, so the repository is whole
+      mindhier/bundle/                    with copy=True: the engine bundle, verified, so the repository is whole
 
 Missing request settings take ``sampling_defaults`` (a model parameter: the bundle's recorded sampling settings).
 Both models run the decode loop of ``mindhier_rt.pipeline`` on one backend (``onnxruntime`` or ``tensorrt`` for a
@@ -117,21 +117,22 @@ def write_repository(spec: RepositorySpec, out: Path, copy: bool) -> Path:
 
         bundle = Bundle.open(spec.engine)  # verified: a broken bundle is refused before anything is written
         sampling_defaults = bundle.spec.sampling
-        if copy:
-            shutil.copytree(bundle.root, out / "bundle")
-            Bundle.open(out / "bundle")
-        source = {"engine": "bundle" if copy else str(Path(spec.engine).resolve())}
+        if copy:  # inside a model's folder: Triton takes every top-level folder of a repository for a model
+            shutil.copytree(bundle.root, out / MODEL / "bundle")
+            Bundle.open(out / MODEL / "bundle")
+        source = {"engine": f"{MODEL}/bundle" if copy else str(Path(spec.engine).resolve())}
     else:
         sampling_defaults = SamplingConfig()
         if copy:
-            (out / "checkpoint").mkdir()
-            shutil.copy2(spec.ckpt, out / "checkpoint" / Path(spec.ckpt).name)
-        source = {"ckpt": f"checkpoint/{Path(spec.ckpt).name}" if copy else str(Path(spec.ckpt).resolve())}
+            (out / MODEL / "checkpoint").mkdir(parents=True)
+            shutil.copy2(spec.ckpt, out / MODEL / "checkpoint" / Path(spec.ckpt).name)
+        name = Path(spec.ckpt).name
+        source = {"ckpt": f"{MODEL}/checkpoint/{name}" if copy else str(Path(spec.ckpt).resolve())}
     if spec.backend:
         source["backend"] = spec.backend
     source["sampling_defaults"] = json.dumps(sampling_defaults.to_dict())
     for name, progressive in ((MODEL, False), (PROGRESSIVE_MODEL, True)):
-        (out / name / "1").mkdir(parents=True)
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / name / "config.pbtxt", model_config(name, spec, source, progressive))
         atomic_write_text(out / name / "1" / "model.py", MODEL_PY)
     return out
