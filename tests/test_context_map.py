@@ -157,3 +157,36 @@ def test_torch_fast_decodes_like_eager_under_the_reference_map(mode, tiny_voxels
     assert torch.equal(other.generator.head.weight, models.generator.head.weight)
     got = reconstruct(TorchBackend(other), tiny_voxels[:2], "subj01", sampling)
     assert any(not torch.equal(x, y) for x, y in zip(got.tokens, eager.tokens, strict=True))
+
+
+def test_every_backend_decodes_a_multi_level_scale_the_same(tmp_path, tiny_voxels):
+    """Eager, torch-fast (kernel ranges under the interpreter) and the onnxruntime bundle give the same tokens
+    where scales 2 and 3 read two context levels each; the bundle records the map and its table."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from mindhier_rt.bundle import Bundle
+    from mindhier_rt.export.onnx_export import export_bundle
+    from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    models = multi_level_models("block_causal")
+    bundle = export_bundle(copy.deepcopy(models), tmp_path / "bundle", batch=2, samples=1)
+    spec = Bundle.open(tmp_path / "bundle").spec
+    assert spec.context_map == REF and spec.tables["cross_segment"] == "cross_segment.npy"
+    assert list(bundle.load_table("cross_segment")) == list(models.cfg.schedule.segment_of_token)
+    step = spec.graphs["generator_step"]
+    assert step.input("cross.segment").dtype == "int64"
+    assert step.input("cross.0.key").shape[2] == models.cfg.schedule.context_length
+    for sampling in (SamplingConfig(seed=11), SamplingConfig(seed=12, cfg_stop=2)):
+        eager = reconstruct(TorchBackend(copy.deepcopy(models)), tiny_voxels[:2], "subj01", sampling)
+        ort = reconstruct(OnnxRuntimeBackend(bundle), tiny_voxels[:2], "subj01", sampling)
+        assert_same_tokens(ort, eager)
+        assert (ort.images_NS3HW - eager.images_NS3HW).abs().max() < 1e-4
+
+
+def test_training_map_bundles_keep_their_step_graph(tiny_export):
+    """The default map's step reads one segment [B, H, T, c] and has no cross.segment input or table."""
+    _, bundle = tiny_export("block_causal")
+    step = bundle.spec.graphs["generator_step"]
+    assert bundle.spec.context_map == "training" and "cross_segment" not in bundle.spec.tables
+    assert step.input("cross.segment") is None
+    assert step.input("cross.0.key").shape[2] == bundle.cfg.context_tokens
