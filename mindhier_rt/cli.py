@@ -94,6 +94,10 @@ def init(
 
 
 VAE_HELP = "VQ-VAE of a public generator: vae_ch160v4096z32.pth (VAR) or the Switti VQ-VAE folder"
+CONTEXT_MAP_HELP = (
+    "which context level each token reads: training or reference-pipeline (MindHier's reference inference; "
+    "the default for MindHier checkpoints). Default: the checkpoint's"
+)
 
 
 @app.command()
@@ -112,6 +116,7 @@ def export(
     samples: Annotated[int, typer.Option(min=1, help="samples per scan (recorded shapes)")] = 1,
     subjects: Annotated[str | None, typer.Option(help="comma-separated subjects to export (default: all)")] = None,
     vae: Annotated[Path | None, typer.Option("--vae", help=VAE_HELP)] = None,
+    context_map: Annotated[str | None, typer.Option("--context-map", help=CONTEXT_MAP_HELP)] = None,
 ) -> None:
     """Export a checkpoint to an engine bundle: ONNX graphs, tables and manifest.json."""
     from rich.progress import Progress
@@ -119,7 +124,7 @@ def export(
     from mindhier_rt.export.onnx_export import export_bundle
     from mindhier_rt.importers import load_models
 
-    models = load_models(ckpt, vae)
+    models = load_models(ckpt, vae, context_map=context_map)
     all_subjects = models.cfg.encoder.subjects if models.cfg.encoder is not None else ()
     n_subjects = len(all_subjects) if subjects is None else len(subjects.split(","))
     n_graphs = n_subjects + models.cfg.schedule.n_scales + 3
@@ -183,10 +188,17 @@ def build(
     )
 
 
-def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, device: str, vae: Path | None = None):
+def _open_backend(
+    ckpt: Path | None,
+    engine: Path | None,
+    backend: str | None,
+    device: str,
+    vae: Path | None = None,
+    context_map: str | None = None,
+):
     from mindhier_rt.runtime.open import open_backend
 
-    return open_backend(ckpt, engine, backend, device, vae)
+    return open_backend(ckpt, engine, backend, device, vae, context_map)
 
 
 @app.command()
@@ -198,6 +210,7 @@ def decode(
         list[int] | None, typer.Option("--class-label", help="class-conditional models (VAR): a label; repeatable")
     ] = None,
     vae: Annotated[Path | None, typer.Option("--vae", help=VAE_HELP)] = None,
+    context_map: Annotated[str | None, typer.Option("--context-map", help=CONTEXT_MAP_HELP)] = None,
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="checkpoint: decode with the PyTorch reference")] = None,
     engine: Annotated[Path | None, typer.Option("--engine", help="engine bundle from `mindhier-rt export`")] = None,
     backend: Annotated[
@@ -235,11 +248,11 @@ def decode(
         raise InputError("give --fmri VOXELS --subject S (fMRI models) or --class-label N (class-conditional models)")
     with claim_run_folder(out) as folder:  # refused at once if the folder is unusable or another run holds it
         if class_label:
-            runner = _open_backend(ckpt, engine, backend, device, vae)
+            runner = _open_backend(ckpt, engine, backend, device, vae, context_map)
             _decode_labels(runner, class_label, folder, sampling, samples, batch, {"ckpt": ckpt, "engine": engine})
             return
         voxels = read_voxels(fmri, key=key)
-        runner = _open_backend(ckpt, engine, backend, device, vae)
+        runner = _open_backend(ckpt, engine, backend, device, vae, context_map)
         if runner.cfg.generator.condition == "class":
             raise InputError(f"model {runner.cfg.name} is class-conditional: pass --class-label N instead of --fmri")
         expected = runner.cfg.encoder.voxel_count(subject)
@@ -258,6 +271,7 @@ def decode(
             "key": key,
             "subject": subject,
             "backend": runner.name,
+            "context_map": runner.cfg.context_map,
             "sampling": sampling.to_dict(),
             "samples": samples,
             "batch": batch,

@@ -134,6 +134,14 @@ def multi_level_models(mode: str = "scale_local") -> MindHier:
     return models
 
 
+def _kernel_attention() -> str | None:
+    """``triton`` where the block-sparse kernel can run here (a GPU, or the interpreter on the CPU), else None."""
+    from mindhier_rt.kernels.scale_attention import HAS_TRITON
+
+    runnable = HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+    return "triton" if runnable else None
+
+
 def assert_same_tokens(a, b) -> None:
     for i, (x, y) in enumerate(zip(a.tokens, b.tokens, strict=True)):
         assert torch.equal(x, y), f"scale {i}: {int((x != y).sum())} of {x.numel()} tokens differ"
@@ -146,9 +154,7 @@ def test_torch_fast_decodes_like_eager_under_the_reference_map(mode, tiny_voxels
     eager = reconstruct(TorchBackend(copy.deepcopy(models)), tiny_voxels[:2], "subj01", sampling)
     fast = reconstruct(FastTorchBackend(copy.deepcopy(models), device="cpu"), tiny_voxels[:2], "subj01", sampling)
     assert_same_tokens(fast, eager)
-    from mindhier_rt.kernels.scale_attention import HAS_TRITON
-
-    if HAS_TRITON and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+    if _kernel_attention() == "triton":
         backend = FastTorchBackend(copy.deepcopy(models), device="cpu", attention="triton")
         assert_same_tokens(reconstruct(backend, tiny_voxels[:2], "subj01", sampling), eager)
     # and the map is in effect: the training map's decode of the same weights differs
@@ -159,18 +165,14 @@ def test_torch_fast_decodes_like_eager_under_the_reference_map(mode, tiny_voxels
     assert any(not torch.equal(x, y) for x, y in zip(got.tokens, eager.tokens, strict=True))
 
 
-def test_every_backend_decodes_a_multi_level_scale_the_same(tmp_path, tiny_voxels):
+def test_every_backend_decodes_a_multi_level_scale_the_same(tiny_export, tiny_voxels):
     """Eager, torch-fast (kernel ranges under the interpreter) and the onnxruntime bundle give the same tokens
     where scales 2 and 3 read two context levels each; the bundle records the map and its table."""
-    pytest.importorskip("onnxruntime")
-    pytest.importorskip("onnxscript")
-    from mindhier_rt.bundle import Bundle
-    from mindhier_rt.export.onnx_export import export_bundle
     from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    models = multi_level_models("block_causal")
-    bundle = export_bundle(copy.deepcopy(models), tmp_path / "bundle", batch=2, samples=1)
-    spec = Bundle.open(tmp_path / "bundle").spec
+    models, bundle = tiny_export("block_causal", REF)
+    assert [len(s) for s in models.cfg.schedule.segments_of_scale] == [1, 1, 2, 2]
+    spec = bundle.spec
     assert spec.context_map == REF and spec.tables["cross_segment"] == "cross_segment.npy"
     assert list(bundle.load_table("cross_segment")) == list(models.cfg.schedule.segment_of_token)
     step = spec.graphs["generator_step"]
@@ -178,8 +180,10 @@ def test_every_backend_decodes_a_multi_level_scale_the_same(tmp_path, tiny_voxel
     assert step.input("cross.0.key").shape[2] == models.cfg.schedule.context_length
     for sampling in (SamplingConfig(seed=11), SamplingConfig(seed=12, cfg_stop=2)):
         eager = reconstruct(TorchBackend(copy.deepcopy(models)), tiny_voxels[:2], "subj01", sampling)
+        fast = FastTorchBackend(copy.deepcopy(models), device="cpu", attention=_kernel_attention())
         ort = reconstruct(OnnxRuntimeBackend(bundle), tiny_voxels[:2], "subj01", sampling)
         assert_same_tokens(ort, eager)
+        assert_same_tokens(reconstruct(fast, tiny_voxels[:2], "subj01", sampling), eager)
         assert (ort.images_NS3HW - eager.images_NS3HW).abs().max() < 1e-4
 
 

@@ -770,3 +770,30 @@ def test_attention_plugin_needs_tensorrt_plugin_api(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tensorrt)
     with pytest.raises(BackendError, match=r"--attention-plugin needs TensorRT >= 10.8"):
         attention_plugin.register_plugin((9, 0))
+
+
+def test_binding_plan_of_a_per_token_context_map(tiny_export, tmp_path):
+    """reference-pipeline: every scale binds the whole context output in place and its rows of the int64 table
+    cross_segment at an aligned offset of table.cross_segment; the uploaded image holds each scale's rows."""
+    _, bundle = tiny_export("block_causal", "reference-pipeline")
+    manifest = bundle.manifest
+    plan = binding_plan(manifest, row_counts(manifest))
+    _check_plan(manifest, plan)
+    step = plan.bindings["generator_step"]
+    key = step["cross.0.key"]
+    assert set(key.buffer) == {"context.cross.0.key"} and set(key.offsets) == {0} and key.copy_from is None
+    assert key.shapes[0][2] == manifest["schedule"]["context_length"]
+    seg = step["cross.segment"]
+    assert seg.dtype == "int64" and set(seg.buffer) == {"table.cross_segment"}
+    assert list(seg.offsets) == [r[2] for r in plan.segment_layout]
+    assert [r[:2] for r in plan.segment_layout] == [(s["offset"], s["tokens"]) for s in manifest["scales"]]
+    # the table image as the TensorRT backend uploads it, read back per scale
+    table = bundle.load_table("cross_segment").astype(np.int64)
+    image = np.zeros(plan.buffers["table.cross_segment"], np.uint8)
+    for first, count, offset in plan.segment_layout:
+        image[offset : offset + count * 8] = table[first : first + count].view(np.uint8)
+    sched = bundle.cfg.schedule
+    for i in range(sched.n_scales):
+        got = image[seg.offsets[i] : seg.offsets[i] + seg.nbytes(i)].view(np.int64)
+        assert list(got) == list(sched.segment_of_token[sched.scale_slice(i)])
+    assert json.loads(json.dumps(plan.to_dict()))["segment_layout"] == [list(r) for r in plan.segment_layout]
