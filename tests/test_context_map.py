@@ -194,3 +194,24 @@ def test_training_map_bundles_keep_their_step_graph(tiny_export):
     assert bundle.spec.context_map == "training" and "cross_segment" not in bundle.spec.tables
     assert step.input("cross.segment") is None
     assert step.input("cross.0.key").shape[2] == bundle.cfg.context_tokens
+
+
+def test_decoding_features_from_elsewhere_equals_the_voxel_decode(tiny_voxels):
+    """``decode_features`` (an imported generator fed by the reference encoder's features) = ``reconstruct``."""
+    from mindhier_rt.errors import InputError
+    from mindhier_rt.pipeline import decode_features
+
+    models = multi_level_models()
+    backend = TorchBackend(models)
+    sampling = SamplingConfig(seed=3)
+    want = reconstruct(backend, tiny_voxels[:2], "subj01", sampling, samples=2)
+    with torch.no_grad():
+        pooled, context = backend.encode(tiny_voxels[:2], "subj01")
+        null = backend.encode(torch.zeros_like(tiny_voxels[:1]), "subj01")
+    got = decode_features(backend, pooled, context, sampling, null=null, samples=2)
+    assert_same_tokens(got, want)
+    assert torch.equal(got.images_NS3HW, want.images_NS3HW)
+    with pytest.raises(InputError, match="needs the null condition"):
+        decode_features(backend, pooled, context, sampling)
+    with pytest.raises(InputError, match=r"expected context \[N, 10, 32\]"):
+        decode_features(backend, pooled, context[:, :5], sampling, null=null)
