@@ -60,16 +60,17 @@ FAKE_VERSION = "10.15.1.29"  # has TensorScatter: in-place caches
 
 @pytest.fixture(scope="module")
 def bundle_copy(tiny_export, tmp_path_factory):
-    """``bundle_copy(mode)``: a private copy of the session's tiny bundle (2 scans x 2 samples, guided)."""
-    copies: dict[str, Bundle] = {}
+    """``bundle_copy(mode, context_map="training")``: a private copy of the session's tiny bundle (2 scans x 2
+    samples, guided)."""
+    copies: dict[tuple[str, str], Bundle] = {}
 
-    def get(mode: str) -> Bundle:
-        if mode not in copies:
-            _, bundle = tiny_export(mode)
-            dst = tmp_path_factory.mktemp(f"trt_{mode}") / "bundle"
+    def get(mode: str, context_map: str = "training") -> Bundle:
+        if (mode, context_map) not in copies:
+            _, bundle = tiny_export(mode, context_map)
+            dst = tmp_path_factory.mktemp(f"trt_{mode}_{context_map}") / "bundle"
             shutil.copytree(bundle.root, dst)
-            copies[mode] = Bundle.open(dst)
-        return copies[mode]
+            copies[mode, context_map] = Bundle.open(dst)
+        return copies[mode, context_map]
 
     return get
 
@@ -199,12 +200,14 @@ def test_misaligned_segments_are_copied(bundle_copy):
     _check_plan(manifest, plan)
 
 
-def test_kv_graph_matches_the_concat_graph(bundle_copy):
+@pytest.mark.parametrize("context_map", ["training", "reference-pipeline"])
+def test_kv_graph_matches_the_concat_graph(bundle_copy, context_map):
     """generator_step_kv (TensorScatter into a full-length cache, masked keys) gives the concat graph's logits
-    and caches at every scale, with stale values in the unwritten part of the cache."""
+    and caches at every scale, with stale values in the unwritten part of the cache; under the reference-pipeline
+    map too (the masked cross-attention is left as it is)."""
     import onnxruntime as ort
 
-    bundle = bundle_copy("block_causal")
+    bundle = bundle_copy("block_causal", context_map)
     entry = derive_kv_step_graph(bundle)
     kv_path = bundle.path(entry["file"])
     from onnx import load
@@ -222,8 +225,9 @@ def test_kv_graph_matches_the_concat_graph(bundle_copy):
     fixed = {
         n: rng.standard_normal(resolve_shape(s, R), dtype=np.float32)
         for n, s in specs.items()
-        if n in ("ada_blocks", "ada_head") or n.startswith("cross.")
+        if n in ("ada_blocks", "ada_head") or (n.startswith("cross.") and n != "cross.segment")
     }
+    segment = np.load(bundle.path("cross_segment.npy")) if "cross.segment" in specs else None
     past = {n: np.zeros(resolve_shape(s, R, past=0), np.float32) for n, s in specs.items() if n.startswith("past_")}
     cache = {n: np.full((R, *p.shape[1:2], L, p.shape[3]), 7.0, np.float32) for n, p in past.items()}
     out_names = [o.name for o in concat.get_outputs()]
@@ -231,6 +235,8 @@ def test_kv_graph_matches_the_concat_graph(bundle_copy):
         l, off = scale["tokens"], scale["offset"]
         feeds = {"h": rng.standard_normal((R, l, specs["h"]["shape"][2]), dtype=np.float32)}
         feeds.update({"rope.cos": cos[off : off + l], "rope.sin": sin[off : off + l], **fixed})
+        if segment is not None:
+            feeds["cross.segment"] = segment[off : off + l]
         ref = concat.run(None, {**feeds, **past})
         got = kv.run(None, {**feeds, **cache, "write_indices": np.full(R, off, np.int64)})
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
@@ -703,14 +709,24 @@ def _reference_evaluator_with_plugin():
     return lambda path: ReferenceEvaluator(str(path), new_ops=[SingleRangeAttention])
 
 
-@pytest.mark.parametrize("mode, kv", [("scale_local", None), ("block_causal", None), ("block_causal", "in_place")])
-def test_attention_plugin_graph_computes_the_step(mode, kv, bundle_copy):
+@pytest.mark.parametrize(
+    "mode, kv, context_map",
+    [
+        ("scale_local", None, "training"),
+        ("block_causal", None, "training"),
+        ("block_causal", "in_place", "training"),
+        ("block_causal", None, "reference-pipeline"),
+    ],
+)
+def test_attention_plugin_graph_computes_the_step(mode, kv, context_map, bundle_copy):
     """The rewritten step graph, with the plugin evaluated by its NumPy semantics, gives the exported step's
-    logits (and caches); unmasked attentions become plugin nodes, the masked in-place self-attention stays."""
+    logits (and caches); unmasked attentions become plugin nodes, the masked in-place self-attention and the
+    per-token masked cross-attention (reference-pipeline map) stay."""
     import onnx
     import onnxruntime as ort
 
-    bundle = bundle_copy(mode)
+    bundle = bundle_copy(mode, context_map)
+    masked_cross = context_map == "reference-pipeline"
     graph = STEP_GRAPH
     if kv == "in_place":
         bundle.manifest["graphs"][KV_GRAPH] = derive_kv_step_graph(bundle)
@@ -719,8 +735,8 @@ def test_attention_plugin_graph_computes_the_step(mode, kv, bundle_copy):
     path = attention_plugin.derive_plugin_graph(bundle, graph, bundle.cfg.generator.head_dim)
     assert path.name == f"{graph}_attention_plugin.onnx"
     ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-    assert ops[attention_plugin.PLUGIN_NAME] == (depth if kv == "in_place" else 2 * depth)
-    assert ops["Softmax"] == (depth if kv == "in_place" else 0)
+    assert ops[attention_plugin.PLUGIN_NAME] == (depth if kv == "in_place" or masked_cross else 2 * depth)
+    assert ops["Softmax"] == (depth if kv == "in_place" or masked_cross else 0)
 
     manifest, rng = bundle.manifest, np.random.default_rng(0)
     scale = 2  # a scale with a past in block-causal mode
@@ -731,6 +747,10 @@ def test_attention_plugin_graph_computes_the_step(mode, kv, bundle_copy):
         shape = tensor_shape(s, symbols)
         if s["name"] == "write_indices":
             feeds[s["name"]] = np.full(shape, symbols.get("past", 5), np.int64)
+        elif s["name"] == "cross.segment":  # the scale's two levels (tiny schedule, reference-pipeline map)
+            offset = manifest["scales"][scale]["offset"]
+            feeds[s["name"]] = np.load(bundle.path("cross_segment.npy"))[offset : offset + shape[0]]
+            assert len(set(feeds[s["name"]].tolist())) == 2
         else:
             feeds[s["name"]] = rng.standard_normal(shape).astype(np.float32)
     want = ort.InferenceSession(str(bundle.path(spec["file"])), providers=["CPUExecutionProvider"]).run(None, feeds)
