@@ -576,14 +576,22 @@ def test_block_causal_build_switches_between_cache_modes(bundle_copy, tmp_path):
 
 
 # ---- the backend, on the double -----------------------------------------------------------------------
-@pytest.mark.parametrize(("mode", "version"), [("scale_local", FAKE_VERSION), ("block_causal", FAKE_VERSION),
-                                               ("block_causal", "10.14.1.48")], ids=["scale_local", "in_place",
-                                                                                     "ping_pong"])  # fmt: skip
-def test_backend_decodes_like_onnxruntime(bundle_copy, tmp_path, mode, version):
+@pytest.mark.parametrize(
+    ("mode", "version", "context_map"),
+    [
+        ("scale_local", FAKE_VERSION, "training"),
+        ("block_causal", FAKE_VERSION, "training"),
+        ("block_causal", "10.14.1.48", "training"),
+        ("block_causal", FAKE_VERSION, "reference-pipeline"),
+    ],
+    ids=["scale_local", "in_place", "ping_pong", "in_place-reference_map"],
+)
+def test_backend_decodes_like_onnxruntime(bundle_copy, tmp_path, mode, version, context_map):
     """Same tokens and images as the onnxruntime backend, through the binding plan; with fewer rows than
-    built (1 scan x 2 samples of 2 x 2), guidance switched off mid-way, and replayed "graphs"."""
+    built (1 scan x 2 samples of 2 x 2), guidance switched off mid-way, and replayed "graphs". Under the
+    reference-pipeline map the step reads table.cross_segment as uploaded by the backend and the whole context."""
     root = tmp_path / "bundle"
-    shutil.copytree(bundle_copy(mode).root, root)
+    shutil.copytree(bundle_copy(mode, context_map).root, root)
     build_plans(root, BuildOptions(), builder=FakePlanBuilder(version))
     FakeTensorRT.__version__ = version
     try:
