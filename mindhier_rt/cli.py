@@ -40,16 +40,25 @@ def _echo_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+CONTEXT_MAP_HELP = (
+    "which context level each token reads: training or reference-pipeline (MindHier's reference inference; "
+    "the default for MindHier checkpoints). Default: the checkpoint's"
+)
+
+
 @app.command()
 def info(
     preset_name: Annotated[str, typer.Option("--preset", help="tiny, small, mindhier-256 or mindhier-512")] = "tiny",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    context_map: Annotated[str | None, typer.Option("--context-map", help=CONTEXT_MAP_HELP)] = None,
 ) -> None:
     """Config, schedule and parameter counts of a preset (models built on the meta device: instant)."""
     from mindhier_rt.config import preset
     from mindhier_rt.models.mindhier import MindHier
 
     cfg = preset(preset_name)
+    if context_map is not None:
+        cfg = cfg.replace(context_map=context_map)
     models = MindHier.from_config(cfg, device="meta")
     subject = cfg.encoder.subjects[0][0] if cfg.encoder is not None else None
     params = models.param_counts(subject)
@@ -70,6 +79,12 @@ def info(
     typer.echo(f"  generator       depth {g.depth}, width {g.width}, heads {g.heads}, {g.attn_mode}")
     typer.echo(f"  levels          M={s.n_levels} x {s.context_tokens} x {cfg.context_dim}, guidance {s.guidance}")
     typer.echo(f"  level of scale  {s.level_of_scale}  (1 = shallow e_1, {s.n_levels} = deep e_{s.n_levels})")
+    if not s.single_segment:  # a per-token map: the levels each scale's tokens read
+        levels = [tuple(sorted(s.n_levels - seg for seg in segs)) for segs in s.segments_of_scale]
+        trained = cfg.replace(context_map="training").schedule.segment_of_token
+        moved = sum(a != b for a, b in zip(s.segment_of_token, trained, strict=True))
+        typer.echo(f"  context map     {s.context_map}: levels per scale {levels}")
+        typer.echo(f"                  {moved} of {s.total_tokens} tokens read another level than in training")
     typer.echo(f"  clip layers     {s.clip_layers}")
     for name, n in params.items():
         typer.echo(f"  {name:<15} {n / 1e6:10.1f} M parameters")
@@ -94,10 +109,6 @@ def init(
 
 
 VAE_HELP = "VQ-VAE of a public generator: vae_ch160v4096z32.pth (VAR) or the Switti VQ-VAE folder"
-CONTEXT_MAP_HELP = (
-    "which context level each token reads: training or reference-pipeline (MindHier's reference inference; "
-    "the default for MindHier checkpoints). Default: the checkpoint's"
-)
 
 
 @app.command()
