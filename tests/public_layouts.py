@@ -8,7 +8,8 @@ AdaLN gates: the reference projects initialise the gate rows of every block's ``
 first 2C outputs) scaled by 1e-5, so at initialisation a block's residual branches barely reach the logits and a
 parity test against such weights passes with a wrong block. ``gates="open"`` (default) sets those rows to gains
 of about 1 (bias 1 + noise, noisy weights) so that every projection of every block matters; ``gates="reference"``
-keeps the reference's scaling, for showing the difference.
+keeps the reference's scaling, for showing the difference; ``gates="drawn"`` leaves them as drawn with the other
+AdaLN rows (what these files held before; benchmarks/var_d16_export.py's recorded run).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-Gates = Literal["open", "reference"]
+Gates = Literal["open", "reference", "drawn"]
 
 
 def _rand(g: torch.Generator, *shape: int, std: float = 0.02) -> Tensor:
@@ -34,11 +35,13 @@ def _gate_rows(g: torch.Generator, weight: Tensor, bias: Tensor, width: int, gat
     if gates == "reference":
         weight[: 2 * width] *= 1e-5
         bias[: 2 * width] *= 1e-5
+    elif gates == "drawn":
+        return
     elif gates == "open":
         weight[: 2 * width] = _rand(g, 2 * width, width, std=0.05)
         bias[: 2 * width] = 1 + _rand(g, 2 * width, std=0.2)
     else:
-        raise ValueError(f"gates must be 'open' or 'reference', got {gates!r}")
+        raise ValueError(f"gates must be 'open', 'reference' or 'drawn', got {gates!r}")
 
 
 def level_index(patch_nums: tuple[int, ...]) -> Tensor:
