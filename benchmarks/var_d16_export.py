@@ -59,7 +59,7 @@ def main() -> None:
     gen_path, vae_path, bundle_path = work / "var_d16.pth", work / "vae_ch160v4096z32.pth", work / "bundle"
 
     t0 = time.perf_counter()
-    gen_sd = var_state_dict(16, 1024, 16, PATCH_NUMS_256, vocab=4096, latent=32, classes=1000)
+    gen_sd = var_state_dict(16, 1024, 16, PATCH_NUMS_256, vocab=4096, latent=32, classes=1000, gates="drawn")
     gen_sd["head.weight"] *= 20.0
     torch.save(gen_sd, gen_path)
     del gen_sd

@@ -8,11 +8,16 @@ M levels, T tokens per level, D context width, E VQ latent, h = w finest grid si
 - ``encoder_<subject>``: voxels [B, V_s] -> pooled [B, D], context [B, M*T, D] (deep first)
 - ``context``: pooled, context -> start [B, 1, C], ada_blocks [depth, B, 6, C], ada_head [B, 2, C],
   cross.{j}.key / cross.{j}.value [M, B, H, T, c] per layer, segment-major so that the segment a
-  scale reads is one contiguous block (a host binds a pointer offset, no copy).
+  scale reads is one contiguous block (a host binds a pointer offset, no copy). Under a context map where one
+  scale's tokens read several segments (``reference-pipeline``) they are [B, H, M*T, c] instead: every step
+  reads the whole context.
   Class-conditional models (VAR blocks): labels [B] int64 -> start, ada_blocks, ada_head (no cross K/V;
   the unconditional rows use the null label ``num_classes``), and no encoder graphs.
 - ``generator_step``: one graph for every scale (the weights exist once): h [B, l, C], rope.cos/sin
-  [l, c], ada_blocks, ada_head, cross.{j}.key/value [B, H, T, c] of the scale's segment
+  [l, c], ada_blocks, ada_head, cross.{j}.key/value [B, H, T, c] of the scale's segment (``reference-pipeline``:
+  cross.segment [l] int64, the context segment of each of the scale's tokens = rows offset_i .. offset_i + l of
+  the bundle's ``cross_segment.npy``, then cross.{j}.key/value [B, H, M*T, c] of the whole context; the graph
+  masks each token's keys to its segment)
   (block-causal: + past_key_values.{j}.key/value [B, H, past, c]) -> logits [B, l, V]
   (block-causal: + present.{j}.key/value [B, H, past + l, c]). l and past are the only axes that
   change with the scale; each is static for a given scale. VAR blocks have no rope.* and no cross.*
@@ -58,6 +63,8 @@ class ContextGraph(nn.Module):
         start_B1C = gen.embed_scale(0, None, state.start_B1C)
         outs: list[Tensor] = [start_B1C, torch.stack(state.ada_blocks), state.ada_head_B2C]
         M, T = sched.n_levels, sched.context_tokens
+        if not sched.single_segment:  # steps read the whole context under a per-token mask
+            return (*outs, *[t.contiguous() for kv in state.ctx_kv or () for t in kv])
         for k_BHSc, v_BHSc in state.ctx_kv or ():
             for t in (k_BHSc, v_BHSc):
                 B, H, _, c = t.shape
@@ -80,8 +87,9 @@ class PastPresentKV:
 class StepGraph(nn.Module):
     """One scale of the generator; the same graph serves every scale.
 
-    Inputs: h, [rope.cos, rope.sin,] ada_blocks, ada_head, [cross K/V per layer,] [past K/V per layer]:
-    the bracketed groups exist for RoPE blocks, cross-attending blocks and block-causal mode respectively.
+    Inputs: h, [rope.cos, rope.sin,] ada_blocks, ada_head, [cross.segment,] [cross K/V per layer,] [past K/V per
+    layer]: the bracketed groups exist for RoPE blocks, a per-token context map, cross-attending blocks and
+    block-causal mode respectively.
     """
 
     def __init__(self, generator: ScaleGenerator) -> None:
@@ -91,6 +99,7 @@ class StepGraph(nn.Module):
         self.block_causal = generator.cfg.generator.attn_mode == "block_causal"
         self.rope = generator.rope_cos_Lc is not None
         self.cross = generator.has_context
+        self.per_token = self.cross and not generator.schedule.single_segment
 
     def forward(self, h_BlC: Tensor, *inputs: Tensor) -> tuple[Tensor, ...]:
         d, rest = self.depth, list(inputs)
@@ -98,13 +107,20 @@ class StepGraph(nn.Module):
         if self.rope:
             rope_cos_lc, rope_sin_lc, rest = rest[0], rest[1], rest[2:]
         ada_blocks, ada_head, kv = rest[0], rest[1], rest[2:]
-        cross = None
+        cross = cross_mask = None
+        if self.per_token:  # [l, S]: token t may read key s iff s lies in segment_l[t]
+            segment_l, kv = kv[0], kv[1:]
+            sched = self.generator.schedule
+            key_segment_S = torch.arange(sched.context_length, device=segment_l.device) // sched.context_tokens
+            cross_mask = segment_l[:, None] == key_segment_S[None, :]
         if self.cross:
             cross, kv = [(kv[2 * j], kv[2 * j + 1]) for j in range(d)], kv[2 * d :]
         caches = None
         if self.block_causal:
             caches = [PastPresentKV(kv[2 * j], kv[2 * j + 1]) for j in range(d)]
-        logits = self.generator.blocks_step(h_BlC, rope_cos_lc, rope_sin_lc, ada_blocks, ada_head, cross, caches)
+        logits = self.generator.blocks_step(
+            h_BlC, rope_cos_lc, rope_sin_lc, ada_blocks, ada_head, cross, caches, cross_mask=cross_mask
+        )
         if caches is None:
             return (logits,)
         return (logits, *[t for c in caches for t in c.present])

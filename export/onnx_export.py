@@ -62,6 +62,8 @@ DECODE_LOOP = [
     "  generator_step(h, rope.cos/sin = rows offset_i .. offset_i + tokens_i of rope_*.npy ([L, head_dim]:"
     " cos repeated per rotary pair, sin signed (-sin, +sin) per pair), ada_blocks, ada_head,"
     " cross.{j}.key/value = segment `segment_i` of the context cache"
+    " (context_map reference-pipeline: cross.segment = rows offset_i .. offset_i + tokens_i of"
+    " cross_segment.npy (int64), cross.{j}.key/value = the whole context cache [B, H, M*T, c])"
     " [, past_key_values.{j}.key/value = present of scale i-1 (empty at i = 0)]) -> logits [, present]",
     "  guided: logits = (1 + t_i) * logits[:rows] - t_i * logits[rows:], t_i = cfg_scale * i / (K - 1)",
     "  idx_i = sample(logits, seed, scan, sample, i): the counter-based draw of docs/sampling.md",
@@ -179,8 +181,14 @@ def graph_exports(
         step_inputs += ["rope.cos", "rope.sin"]
     step_args += [torch.randn(d, B, 6, C, **f), torch.randn(B, 2, C, **f)]
     step_dyn += [{1: rows}, {0: rows}]
-    step_inputs += ["ada_blocks", "ada_head", *cross_names]
-    step_args += [torch.randn(B, H, T, c, **f) for _ in cross_names]
+    step_inputs += ["ada_blocks", "ada_head"]
+    if g.cross_attention and not sched.single_segment:  # per-token context map: the segment of every token
+        step_args.append(torch.tensor(sched.segment_of_token[sched.scale_slice(i)]))
+        step_dyn.append({0: tokens})
+        step_inputs.append("cross.segment")
+    step_inputs += cross_names
+    cross_tokens = T if sched.single_segment else M * T
+    step_args += [torch.randn(B, H, cross_tokens, c, **f) for _ in cross_names]
     step_dyn += [{0: rows} for _ in cross_names]
     step_outputs = ["logits"]
     if g.attn_mode == "block_causal":
@@ -250,7 +258,8 @@ def _export_one(spec: GraphExport, path: Path) -> dict[str, Any]:
     for name, t in zip(spec.outputs, outs, strict=True):
         dims = dict(axis_names)
         if spec.name == "context" and name not in ("start", "ada_head"):
-            dims = {1: "rows"}  # ada_blocks [depth, rows, 6, C]; cross [M, rows, H, T, c]
+            # ada_blocks [depth, rows, 6, C]; cross [M, rows, H, T, c] (per-token context map: [rows, H, S, c])
+            dims = {0: "rows"} if t.ndim == 4 and name.startswith("cross.") else {1: "rows"}
         if spec.name == "generator_step":
             dims = {0: "rows", 1: "tokens"} if name == "logits" else {0: "rows", 2: "past+tokens"}
         out_specs.append(_tensor_spec(name, t, dims))
@@ -272,6 +281,7 @@ def scale_table(models: MindHier) -> list[dict[str, int]]:
             "past": s.cached_lengths[i] if models.cfg.generator.attn_mode == "block_causal" else 0,
             "segment": s.segment_of_scale[i],
             "level": s.level_of_scale[i],
+            "segments": list(s.segments_of_scale[i]),
             "phi": s.phi_index[i],
         }
         for i in range(s.n_scales)
@@ -353,6 +363,9 @@ def _write_bundle(
         np.save(out / "rope_cos.npy", models.generator.rope_cos_Lc.float().numpy())
         np.save(out / "rope_sin.npy", models.generator.rope_sin_Lc.float().numpy())
         tables = {"rope_cos": "rope_cos.npy", "rope_sin": "rope_sin.npy"}
+    if g.cross_attention and not cfg.schedule.single_segment:  # the per-token context map, [L] int64
+        np.save(out / "cross_segment.npy", np.asarray(cfg.schedule.segment_of_token, dtype=np.int64))
+        tables["cross_segment"] = "cross_segment.npy"
     rows = batch * samples * (2 if sampling.cfg_scale > 0 else 1)
     encoder_subjects = cfg.encoder.subjects if cfg.encoder is not None else ()
     condition: dict[str, Any] = {"kind": g.condition}
@@ -369,6 +382,7 @@ def _write_bundle(
         "sampling": sampling.to_dict(),
         "graphs": graphs,
         "tables": tables,
+        "context_map": cfg.context_map,
         "decode_loop": DECODE_LOOP_CLASS if g.condition == "class" else DECODE_LOOP,
         "source": source,
         "versions": versions,

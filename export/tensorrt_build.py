@@ -65,6 +65,9 @@ Self-attention cache (block-causal mode)
                                 before the run instead of being bound in place (misaligned segments only)
         ``rope_layout``         ``[[first_row, rows, byte_offset], ...]`` per scale: where the rows of
                                 ``rope_cos.npy`` / ``rope_sin.npy`` go in the ``table.rope_*`` buffers
+        ``segment_layout``      the same for the int64 table ``cross_segment.npy`` in ``table.cross_segment``
+                                (``context_map`` reference-pipeline: the step's input ``cross.segment``; its
+                                ``cross.*`` inputs then bind the whole context output, offset 0, every scale)
         ``write_indices``       in-place mode: the int64 table ``table.write_indices`` holds, per scale, the
                                 scale's offset repeated for every row, at ``scale * stride`` bytes
         ``version_compatible``  whether the plans were built version compatible
@@ -324,6 +327,7 @@ class DecodePlan:
     buffers: dict[str, int]
     rope_layout: list[tuple[int, int, int]]
     write_indices_stride: int | None = None
+    segment_layout: list[tuple[int, int, int]] = field(default_factory=list)
 
     def binding(self, graph: str, name: str) -> Binding:
         return self.bindings[graph][name]
@@ -337,6 +341,7 @@ class DecodePlan:
             "buffers": dict(self.buffers),
             "bindings": {g: [b.to_dict() for b in table.values()] for g, table in self.bindings.items()},
             "rope_layout": [list(r) for r in self.rope_layout],
+            "segment_layout": [list(r) for r in self.segment_layout],
             "write_indices": None
             if self.write_indices_stride is None
             else {"buffer": "table.write_indices", "stride": self.write_indices_stride, "dtype": "int64"},
@@ -389,6 +394,14 @@ def binding_plan(manifest: dict[str, Any], rows: RowCounts, step_graph: str = ST
             rope_layout.append((s["offset"], s["tokens"], at))
             at += align_up(s["tokens"] * row_bytes)
 
+    # the per-token context map (reference-pipeline): each scale's rows of cross_segment at an aligned offset
+    segment_spec = next((s for s in graphs[step_graph]["inputs"] if s["name"] == "cross.segment"), None)
+    segment_layout, segment_at = [], 0
+    if segment_spec is not None:
+        for s in scales:
+            segment_layout.append((s["offset"], s["tokens"], segment_at))
+            segment_at += align_up(s["tokens"] * ITEMSIZE[segment_spec["dtype"]])
+
     # context: its outputs are the per-scan state every step reads
     ctx = graphs["context"]
     for spec in ctx["inputs"]:
@@ -406,6 +419,10 @@ def binding_plan(manifest: dict[str, Any], rows: RowCounts, step_graph: str = ST
         elif name in ("rope.cos", "rope.sin"):
             add(step_graph, spec, True, f"table.{name.replace('.', '_')}", [r[2] for r in rope_layout])
         elif name in ("ada_blocks", "ada_head"):
+            add(step_graph, spec, True, f"context.{name}", 0)
+        elif name == "cross.segment":
+            add(step_graph, spec, True, "table.cross_segment", [r[2] for r in segment_layout])
+        elif name.startswith("cross.") and segment_spec is not None:  # the whole context, in place
             add(step_graph, spec, True, f"context.{name}", 0)
         elif name.startswith("cross."):
             block = math.prod(shapes_of(step_graph, spec)[0]) * ITEMSIZE[spec["dtype"]]
@@ -463,6 +480,8 @@ def binding_plan(manifest: dict[str, Any], rows: RowCounts, step_graph: str = ST
         need["table.rope_cos"] = need["table.rope_sin"] = max(at, ALIGNMENT)
     if write_stride is not None:
         need["table.write_indices"] = K * write_stride
+    if segment_spec is not None:
+        need["table.cross_segment"] = max(segment_at, ALIGNMENT)
     order = decode_graphs(manifest, step_graph)
     return DecodePlan(
         rows=rows,
@@ -473,6 +492,7 @@ def binding_plan(manifest: dict[str, Any], rows: RowCounts, step_graph: str = ST
         buffers=dict(sorted(need.items())),
         rope_layout=rope_layout,
         write_indices_stride=write_stride,
+        segment_layout=segment_layout,
     )
 
 

@@ -1,13 +1,16 @@
 """Block-sparse scale-masked attention forward in Triton, its PyTorch reference, costs and a benchmark.
 
-Every attention mask of this model lets the queries of one scale see ONE contiguous run of keys, a *range*
-``(q0, q1, k0, k1)`` with exclusive ends (``Schedule.key_ranges``): its own scale (``scale_local``), the
-pyramid up to and including it (``block_causal``) or its context segment (``cross``). The kernel is built on
-that: the host cuts each range's queries into BLOCK_M tiles (a tile never straddles two ranges) and writes an
-int32 tile table ``[n_tiles, 4] = (tile q start, tile q end, k start, k end)``; program ``(tile, b * H + h)``
-reads its row and loops over keys ``k0..k1`` in BLOCK_N steps with an online softmax. It only ever loads the
-key/value tiles its mask allows: that is the block sparsity (cross-attention reads 1/M of the context, a
-scale-local query tile reads its own scale only). There is no dense mask anywhere on the kernel path.
+Every attention mask of this model lets a run of queries see ONE contiguous run of keys, a *range*
+``(q0, q1, k0, k1)`` with exclusive ends (``Schedule.key_ranges``): the queries of one scale see their own scale
+(``scale_local``) or the pyramid up to and including it (``block_causal``); in ``cross`` each run of tokens
+that reads one context segment sees that segment (one run per scale with the training context map, up to M
+runs per scale with the reference-pipeline map, where one scale's tokens read several segments). The kernel
+is built on that: the host cuts each range's queries into BLOCK_M tiles (a tile never straddles two ranges)
+and writes an int32 tile table ``[n_tiles, 4] = (tile q start, tile q end, k start, k end)``; program
+``(tile, b * H + h)`` reads its row and loops over keys ``k0..k1`` in BLOCK_N steps with an online softmax.
+It only ever loads the key/value tiles its mask allows: that is the block sparsity (cross-attention reads
+1/M of the context, a scale-local query tile reads its own scale only). There is no dense mask anywhere on
+the kernel path.
 
 Semantics shared by the kernel and ``scale_masked_attention_ref``:
   out[b, h, q] = softmax_k(scale * q . k, k in the range covering q) @ v, for every q covered by a range.
@@ -580,10 +583,12 @@ def scale_masked_attention_ref(
 
 
 # ---- schedule -> ranges --------------------------------------------------------------------------------
-def ranges_for_step(schedule: Schedule, i: int, kind: Kind, cached: bool = True) -> tuple[Range]:
-    """The one range of decode step ``i`` (queries = the l_i tokens of scale i), as a 1-tuple of ranges.
+def ranges_for_step(schedule: Schedule, i: int, kind: Kind, cached: bool = True) -> tuple[Range, ...]:
+    """The ranges of decode step ``i`` (queries = the l_i tokens of scale i).
 
-    cross: (0, l_i, seg * T, (seg + 1) * T) against the full context K/V [B, H, S, c].
+    cross: ``schedule.step_cross_ranges(i)`` against the full context K/V [B, H, S, c]: one range
+    (0, l_i, seg * T, (seg + 1) * T) with the training context map, one per run of tokens reading one segment
+    with the reference-pipeline map (several where the scale's tokens read several segments).
     block_causal: (0, l_i, 0, offset_i + l_i) against the preallocated self-attention cache (whole or its
     prefix view; ``cached`` does not change it: block-causal keys always come from the cache).
     scale_local: (0, l_i, offset_i, offset_i + l_i) against the preallocated cache when ``cached``, else
@@ -593,6 +598,8 @@ def ranges_for_step(schedule: Schedule, i: int, kind: Kind, cached: bool = True)
         raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
     if not 0 <= i < schedule.n_scales:
         raise ConfigError(f"scale index must be in 0..{schedule.n_scales - 1}, got {i}")
+    if kind == "cross":
+        return schedule.step_cross_ranges(i)
     _, _, k0, k1 = schedule.key_ranges(kind)[i]
     n = schedule.token_counts[i]
     if kind == "scale_local" and not cached:

@@ -43,18 +43,27 @@ def _echo_json(obj: object) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+CONTEXT_MAP_HELP = (
+    "which context level each token reads: training or reference-pipeline (MindHier's reference inference; "
+    "the default for MindHier checkpoints). Default: the checkpoint's"
+)
+
+
 @app.command()
 def info(
     preset_name: Annotated[
         str, typer.Option("--preset", help="tiny, small, demo, mindhier-256 or mindhier-512")
     ] = "tiny",
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    context_map: Annotated[str | None, typer.Option("--context-map", help=CONTEXT_MAP_HELP)] = None,
 ) -> None:
     """Config, schedule and parameter counts of a preset (models built on the meta device: instant)."""
     from mindhier_rt.config import preset
     from mindhier_rt.models.mindhier import MindHier
 
     cfg = preset(preset_name)
+    if context_map is not None:
+        cfg = cfg.replace(context_map=context_map)
     models = MindHier.from_config(cfg, device="meta")
     subject = cfg.encoder.subjects[0][0] if cfg.encoder is not None else None
     params = models.param_counts(subject)
@@ -80,6 +89,12 @@ def info(
     typer.echo(f"  generator       depth {g.depth}, width {g.width}, heads {g.heads}, {g.attn_mode}")
     typer.echo(f"  levels          M={s.n_levels} x {s.context_tokens} x {cfg.context_dim}, guidance {s.guidance}")
     typer.echo(f"  level of scale  {s.level_of_scale} (1: shallow e_1, {s.n_levels}: deep)")
+    if not s.single_segment:  # a per-token map: the levels each scale's tokens read
+        levels = [tuple(sorted(s.n_levels - seg for seg in segs)) for segs in s.segments_of_scale]
+        trained = cfg.replace(context_map="training").schedule.segment_of_token
+        moved = sum(a != b for a, b in zip(s.segment_of_token, trained, strict=True))
+        typer.echo(f"  context map     {s.context_map}: levels per scale {levels}")
+        typer.echo(f"                  {moved} of {s.total_tokens} tokens read another level than in training")
     typer.echo(f"  clip layers     {s.clip_layers}")
     for name, n in params.items():
         typer.echo(f"  {name:<15} {n / 1e6:10.1f} M parameters")
@@ -124,6 +139,7 @@ def export(
     samples: Annotated[int, typer.Option(min=1, help="samples per scan (recorded shapes)")] = 1,
     subjects: Annotated[str | None, typer.Option(help="comma-separated subjects to export (default: all)")] = None,
     vae: Annotated[Path | None, typer.Option("--vae", help=VAE_HELP)] = None,
+    context_map: Annotated[str | None, typer.Option("--context-map", help=CONTEXT_MAP_HELP)] = None,
 ) -> None:
     """Export a checkpoint to an engine bundle: ONNX graphs, tables and manifest.json."""
     from rich.progress import Progress
@@ -131,7 +147,7 @@ def export(
     from mindhier_rt.export.onnx_export import export_bundle
     from mindhier_rt.importers import load_models
 
-    models = load_models(ckpt, vae)
+    models = load_models(ckpt, vae, context_map=context_map)
     all_subjects = models.cfg.encoder.subjects if models.cfg.encoder is not None else ()
     n_subjects = len(all_subjects) if subjects is None else len(subjects.split(","))
     n_graphs = n_subjects + models.cfg.schedule.n_scales + 3
@@ -198,10 +214,17 @@ def build(
     )
 
 
-def _open_backend(ckpt: Path | None, engine: Path | None, backend: str | None, device: str, vae: Path | None = None):
+def _open_backend(
+    ckpt: Path | None,
+    engine: Path | None,
+    backend: str | None,
+    device: str,
+    vae: Path | None = None,
+    context_map: str | None = None,
+):
     from mindhier_rt.runtime.open import open_backend
 
-    return open_backend(ckpt, engine, backend, device, vae)
+    return open_backend(ckpt, engine, backend, device, vae, context_map)
 
 
 @app.command()
@@ -213,6 +236,7 @@ def decode(
         list[int] | None, typer.Option("--class-label", help="class-conditional models (VAR): a label; repeatable")
     ] = None,
     vae: Annotated[Path | None, typer.Option("--vae", help=VAE_HELP)] = None,
+    context_map: Annotated[str | None, typer.Option("--context-map", help=CONTEXT_MAP_HELP)] = None,
     ckpt: Annotated[Path | None, typer.Option("--ckpt", help="checkpoint: decode with the PyTorch reference")] = None,
     engine: Annotated[Path | None, typer.Option("--engine", help="engine bundle from `mindhier-rt export`")] = None,
     backend: Annotated[
@@ -253,12 +277,12 @@ def decode(
         raise InputError("give --fmri VOXELS --subject S (fMRI models) or --class-label N (class-conditional models)")
     with claim_run_folder(out) as folder:  # refused at once if the folder is unusable or another run holds it
         if class_label:
-            runner = _open_backend(ckpt, engine, backend, device, vae)
+            runner = _open_backend(ckpt, engine, backend, device, vae, context_map)
             sampling, _ = with_overrides(recorded_sampling(runner), **flags)
             _decode_labels(runner, class_label, folder, sampling, samples, batch, {"ckpt": ckpt, "engine": engine})
             return
         voxels = read_voxels(fmri, key=key)
-        runner = _open_backend(ckpt, engine, backend, device, vae)
+        runner = _open_backend(ckpt, engine, backend, device, vae, context_map)
         sampling, sampling_source = with_overrides(recorded_sampling(runner), **flags)
         if runner.cfg.generator.condition == "class":
             raise InputError(f"model {runner.cfg.name} is class-conditional: pass --class-label N instead of --fmri")
@@ -278,6 +302,7 @@ def decode(
             "key": key,
             "subject": subject,
             "backend": runner.name,
+            "context_map": runner.cfg.context_map,
             "sampling": sampling.to_dict(),
             "sampling_source": sampling_source,
             "samples": samples,

@@ -18,7 +18,15 @@ from functools import cached_property
 from typing import Any, Literal
 
 from mindhier_rt.errors import ConfigError
-from mindhier_rt.schedule import ATTN_MODES, PATCH_NUMS_256, PATCH_NUMS_512, AttnMode, Guidance, Schedule
+from mindhier_rt.schedule import (
+    ATTN_MODES,
+    PATCH_NUMS_256,
+    PATCH_NUMS_512,
+    AttnMode,
+    ContextMap,
+    Guidance,
+    Schedule,
+)
 
 BlockKind = Literal["switti", "var"]
 ConditionKind = Literal["fmri", "class"]
@@ -136,6 +144,9 @@ class ModelConfig:
     vocab_size: int = 4096  # V
     latent_dim: int = 32  # E (Cvae)
     guidance: Guidance = "coarse_to_fine"
+    # which context segment each query token reads: "training" (the schedule's map, in training and decoding) or
+    # "reference-pipeline" (MindHier's reference inference map, for its checkpoints; schedule.py, REFERENCE §9)
+    context_map: ContextMap = "training"
     conditioning: Literal["hierarchical", "single"] = "hierarchical"  # "single": ablation, e_M everywhere
     clip_layer_base: int = 8
     clip_layer_stride: int = 4
@@ -184,6 +195,7 @@ class ModelConfig:
             n_levels=self.n_levels,
             context_tokens=self.context_tokens,
             guidance=self.guidance,
+            context_map=self.context_map,
             clip_layer_base=self.clip_layer_base,
             clip_layer_stride=self.clip_layer_stride,
         )

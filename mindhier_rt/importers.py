@@ -71,14 +71,20 @@ __all__ = [
 
 LAYOUTS: tuple[str, ...] = ("var", "switti", "mindhier", "vqvae")
 TENSOR_FILES = ("model.safetensors", "pytorch_model.bin", "model.pth")
-# patch_nums by image side, where a file says only its resolution (MindHier's ``reso``, the token count L)
-PATCH_NUMS_BY_RESO = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
+# patch_nums by image side, where a file says only its resolution (``reso`` of Switti's / MindHier's
+# constructors, VQVAEHF's included; the token count L). 1024: Switti's high-resolution schedule.
+PATCH_NUMS_1024 = (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64)
+PATCH_NUMS_BY_RESO = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512, 1024: PATCH_NUMS_1024}
 PATCH_NUMS_BY_TOKENS = {sum(p * p for p in pn): pn for pn in PATCH_NUMS_BY_RESO.values()}
 SWITTI_CROP_UNIT = 512.0  # Switti / MindHier embed the crop condition in pixels at base size 512
 SWITTI_CONTEXT_TOKENS = 77  # CLIP text tokens: every scale of a Switti generator reads the whole prompt
 MINDHIER_LEVELS, MINDHIER_TOKENS = 4, 257  # CLIP ViT-L/14 levels of the MindHier generator's context
 
 # Keys of the constructor-kwargs config.json files (SwittiHF / HierarchyARHF / VQVAEHF and their base classes).
+# VQ-VAE configs come in three shapes: none (VAR's ``vae_ch160v4096z32.pth``, built in code); VQVAEHF's
+# ``save_pretrained`` in Switti's first release and in its current code, which MindHier's ``models/vqvae.py``
+# shares: vocab_size, z_channels, ch, test_mode, share_quant_resi and then ``v_patch_nums`` (first release) or
+# ``reso`` (current, default 1024: the schedule is looked up from the resolution).
 _GENERATOR_CONFIG_KEYS = {
     "depth", "embed_dim", "num_heads", "rope", "rope_theta", "rope_size", "use_swiglu_ffn", "use_ar",
     "use_crop_cond", "patch_nums", "reso", "norm_eps", "attn_l2_norm", "Cvae", "V", "mlp_ratio", "drop_rate",
@@ -86,7 +92,7 @@ _GENERATOR_CONFIG_KEYS = {
 }  # fmt: skip
 _VQVAE_CONFIG_KEYS = {
     "vocab_size", "z_channels", "ch", "dropout", "beta", "using_znorm", "quant_conv_ks", "quant_resi",
-    "share_quant_resi", "default_qresi_counts", "v_patch_nums", "test_mode",
+    "share_quant_resi", "default_qresi_counts", "v_patch_nums", "test_mode", "reso",
 }  # fmt: skip
 
 
@@ -329,8 +335,23 @@ def vqvae_config(src: SourceFile) -> tuple[VQVAEConfig, int, int, tuple[int, ...
                 f"{src.path}: config.json {key}={conf[key]!r}; mindhier-rt's VQ-VAE has {supported!r}"
             )
     vq = VQVAEConfig(ch=int(ch), ch_mult=tuple(mult), num_res_blocks=res_blocks, norm_groups=32, phi_ratio=0.5)
-    v_pn = tuple(int(p) for p in conf["v_patch_nums"]) if conf.get("v_patch_nums") is not None else None
+    v_pn = _vqvae_patch_nums(src, conf)
+    usage = t.get("quantize.ema_vocab_hit_SV")
+    if v_pn is not None and usage is not None and usage.ndim == 2:
+        _agree(src, "scales (code-usage statistics rows)", len(v_pn), int(usage.shape[0]))
     return vq, int(vocab), int(latent), v_pn
+
+
+def _vqvae_patch_nums(src: SourceFile, conf: dict[str, Any]) -> tuple[int, ...] | None:
+    """The VQ-VAE's own training schedule from its config.json: ``v_patch_nums``, or ``reso`` looked up."""
+    v_pn = tuple(int(p) for p in conf["v_patch_nums"]) if conf.get("v_patch_nums") is not None else None
+    if conf.get("reso") is not None:
+        reso = int(conf["reso"])
+        if reso not in PATCH_NUMS_BY_RESO:
+            raise CheckpointError(f"{src.path}: config.json reso={reso}; known: {sorted(PATCH_NUMS_BY_RESO)}")
+        _agree(src, "v_patch_nums", v_pn, PATCH_NUMS_BY_RESO[reso])
+        v_pn = PATCH_NUMS_BY_RESO[reso]
+    return v_pn
 
 
 def generator_config(layout: str, src: SourceFile, vq: VQVAEConfig | None = None) -> ModelConfig:
@@ -393,6 +414,8 @@ def generator_config(layout: str, src: SourceFile, vq: VQVAEConfig | None = None
             n_levels, tokens = 1, SWITTI_CONTEXT_TOKENS
         else:
             n_levels, tokens = MINDHIER_LEVELS, MINDHIER_TOKENS
+    # MindHier's published images were made with its reference pipeline's per-token map (schedule.py)
+    context_map = "reference-pipeline" if layout == "mindhier" else "training"
     try:
         return ModelConfig(
             name=f"{layout}-d{depth}",
@@ -406,6 +429,7 @@ def generator_config(layout: str, src: SourceFile, vq: VQVAEConfig | None = None
             context_dim=context_dim,
             vocab_size=vocab,
             latent_dim=latent,
+            context_map=context_map,
         )
     except ConfigError as e:
         raise CheckpointError(f"{src.path}: the sizes in this {layout} file make no valid model: {e}") from None
@@ -606,15 +630,27 @@ class Imported:
     sources: dict[str, tuple[str, str]]  # part -> (path, layout)
 
 
-def import_models(ckpt: str | Path, vae: str | Path | None = None, device: torch.device | str = "cpu") -> Imported:
+def import_models(
+    ckpt: str | Path,
+    vae: str | Path | None = None,
+    device: torch.device | str = "cpu",
+    context_map: str | None = None,
+) -> Imported:
     """Models from a public generator file (+ its VQ-VAE) or a mindhier-rt checkpoint (+ optionally a VQ-VAE).
 
     ``ckpt``: ``var_d16.pth``, a Switti / MindHier folder (``config.json`` + ``model.safetensors``), or a
     mindhier-rt ``.safetensors`` checkpoint. ``vae``: ``vae_ch160v4096z32.pth`` or the Switti VQ-VAE folder;
     required with a public generator (it holds no VQ-VAE), optional with our checkpoints (it replaces the
     checkpoint's VQ-VAE weights and must have the same shapes).
+    ``context_map`` overrides the context map (``schedule.py``): by default MindHier generators get
+    ``reference-pipeline`` (the map their published images were made with), every other file its config's
+    (``training`` for VAR, Switti and, unless they say otherwise, mindhier-rt checkpoints).
     """
     from mindhier_rt.models.mindhier import MindHier
+    from mindhier_rt.schedule import CONTEXT_MAPS
+
+    if context_map is not None and context_map not in CONTEXT_MAPS:
+        raise ConfigError(f"context map must be one of {', '.join(CONTEXT_MAPS)}, got {context_map!r}")
 
     ckpt = Path(ckpt)
     vae_src = vq_info = None
@@ -651,15 +687,22 @@ def import_models(ckpt: str | Path, vae: str | Path | None = None, device: torch
         if vq != cfg.vqvae:
             raise CheckpointError(f"{vae_src.path}: the VQ-VAE is {vq}; the checkpoint's config has {cfg.vqvae}")
         if v_pn is not None and v_pn != cfg.patch_nums:
-            raise CheckpointError(
-                f"{vae_src.path}: the VQ-VAE's config.json v_patch_nums {v_pn} differ from the generator's "
-                f"patch_nums {cfg.patch_nums}; the reference runs both on one schedule"
-            )
+            # VQVAEHF's schedule only sizes its training statistics (ema_vocab_hit_SV): decoding quantises and
+            # accumulates on the generator's schedule, as the reference pipelines do (Switti's VQ-VAE folder
+            # says reso=1024 by default and serves the 512 px generators too)
+            log.info(
+                "%s: the VQ-VAE was trained on scales %s; it decodes on the generator's %s",
+                vae_src.path, v_pn, cfg.patch_nums,
+            )  # fmt: skip
         load_strict(models.vqvae, vae_src, vqvae_key_map(models.vqvae, vocab), "VQ-VAE")
         sources["vqvae"] = (str(vae_src.path), "vqvae")
+    if context_map is not None:
+        models = models.with_context_map(context_map)
     return Imported(models.eval(), sources)
 
 
-def load_models(ckpt: str | Path, vae: str | Path | None = None, device: torch.device | str = "cpu") -> MindHier:
-    """``import_models(...).models``: what the CLI's ``--ckpt`` (and ``--vae``) load."""
-    return import_models(ckpt, vae, device).models
+def load_models(
+    ckpt: str | Path, vae: str | Path | None = None, device: torch.device | str = "cpu", context_map: str | None = None
+) -> MindHier:
+    """``import_models(...).models``: what the CLI's ``--ckpt`` (and ``--vae``, ``--context-map``) load."""
+    return import_models(ckpt, vae, device, context_map).models

@@ -95,6 +95,40 @@ def reconstruct(
     return rec
 
 
+def decode_features(
+    backend: DecodeBackend,
+    pooled_ND: Tensor,
+    context_NSD: Tensor,
+    sampling: SamplingConfig,
+    null: tuple[Tensor, Tensor] | None = None,
+    samples: int = 1,
+    scan_ids: Tensor | None = None,
+    first_sample: int = 0,
+) -> Reconstruction:
+    """Decode from encoder features computed elsewhere, e.g. by MindHier's reference encoder for an imported
+    generator (which comes without an encoder): ``pooled_ND`` [N, D_pool] and ``context_NSD`` [N, M*T, D] with
+    the levels deep first ([e_M, ..., e_1], as ``HierarchicalEncoder`` returns them). ``null`` = (pooled [1, D_pool],
+    context [1, M*T, D]) of the unconditional row, needed while guidance is on (the reference: the encoding of
+    all-zero voxels)."""
+    if backend.cfg.generator.condition != "fmri":
+        raise InputError(f"model {backend.cfg.name} is class-conditional: decode class labels, not features")
+    S, D = backend.cfg.schedule.context_length, backend.cfg.context_dim
+    if context_NSD.ndim != 3 or tuple(context_NSD.shape[1:]) != (S, D) or context_NSD.shape[0] != pooled_ND.shape[0]:
+        raise InputError(
+            f"expected context [N, {S}, {D}] for {pooled_ND.shape[0]} pooled rows, got {tuple(context_NSD.shape)}"
+        )
+    if guidance_active(sampling, 0) and null is None:
+        raise InputError("guidance (cfg_scale > 0) needs the null condition: pass null=(pooled [1, D], context)")
+    dev = backend.device
+    cond = (pooled_ND.to(dev, torch.float32), context_NSD.to(dev, torch.float32))
+    if null is not None:
+        null = (null[0].to(dev, torch.float32), null[1].to(dev, torch.float32))
+    with host_threads(backend):
+        rec = _decode(backend, cond, null, sampling, samples, scan_ids, None, first_sample)
+    rec.pooled_ND = cond[0].float().cpu()
+    return rec
+
+
 def generate(
     backend: DecodeBackend,
     labels_N: Tensor,

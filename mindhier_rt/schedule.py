@@ -10,6 +10,18 @@ Indexing: scales are 0-indexed here (``i`` in 0..K-1). The paper's 1-indexed sca
 level h_k = M - floor(M (k-1) / K); in the deep-first context [e_M, ..., e_1] that level is segment
 ``floor(i * M / K)``.
 
+Context maps (which context segment each query token reads), ``context_map``:
+- ``training`` (default): every token of scale i reads segment ``segment_of_scale[i]``, the map above, in
+  training and decoding alike.
+- ``reference-pipeline``: the map of MindHier's reference inference pipeline, for checkpoints trained by the
+  reference code whose published images were made with it (REFERENCE §9). That pipeline builds the training
+  cross-attention mask once for the whole pyramid, gives scale i the first ``pn_i ** 2`` rows of it and
+  concatenates the context levels in reverse order. Token j of scale i therefore reads segment
+  ``M - 1 - segment_of_scale[scale_of_token[j]]``: the training segment of the scale that *pyramid position j*
+  belongs to, mirrored. One scale's tokens can read several segments (at 512 px scales 3..9 read 2-4 of them).
+Both maps are per token (``segment_of_token``) and, for kernels, runs of tokens reading one segment
+(``cross_runs``, ``key_ranges("cross")``).
+
 Axis letters used in this package: B batch, L all tokens of the pyramid, l tokens of one scale,
 C generator width, D encoder/context width, T tokens per context level, S context tokens (M * T),
 H heads, V vocabulary, E VQ latent channels (Cvae), h/w spatial grid sides.
@@ -28,8 +40,10 @@ from mindhier_rt.errors import ScheduleError
 
 Guidance = Literal["coarse_to_fine", "fine_to_coarse"]
 AttnMode = Literal["scale_local", "block_causal"]
+ContextMap = Literal["training", "reference-pipeline"]
 GUIDANCE_MODES: tuple[str, ...] = ("coarse_to_fine", "fine_to_coarse")
 ATTN_MODES: tuple[str, ...] = ("scale_local", "block_causal")
+CONTEXT_MAPS: tuple[str, ...] = ("training", "reference-pipeline")
 
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -46,6 +60,7 @@ class Schedule:
     clip_layer_base: int = 8  # g_m = base + stride * m  (paper: 8 + 4m -> 12, 16, 20, 24)
     clip_layer_stride: int = 4
     phi_count: int = 4  # shared Phi convolutions of the VQ-VAE
+    context_map: ContextMap = "training"  # which segment each query token reads (module docstring)
 
     def __post_init__(self) -> None:
         pn = tuple(int(p) for p in self.patch_nums)
@@ -66,6 +81,8 @@ class Schedule:
             raise ScheduleError(f"guidance must be one of {GUIDANCE_MODES}, got {self.guidance!r}")
         if self.phi_count < 1:
             raise ScheduleError(f"phi_count must be >= 1, got {self.phi_count}")
+        if self.context_map not in CONTEXT_MAPS:
+            raise ScheduleError(f"context_map must be one of {CONTEXT_MAPS}, got {self.context_map!r}")
 
     # ---- token layout -------------------------------------------------------------------------
     @property
@@ -115,7 +132,7 @@ class Schedule:
 
     @cached_property
     def segment_of_scale(self) -> tuple[int, ...]:
-        """Index of the deep-first context segment that scale i cross-attends to."""
+        """Index of the deep-first context segment that scale i cross-attends to under the training map."""
         k, m = self.n_scales, self.n_levels
         c2f = tuple(i * m // k for i in range(k))
         if self.guidance == "coarse_to_fine":
@@ -124,13 +141,71 @@ class Schedule:
 
     @cached_property
     def level_of_scale(self) -> tuple[int, ...]:
-        """1-indexed encoder level (e_1 shallow .. e_M deep) that scale i reads: h_k of the paper."""
+        """1-indexed encoder level (e_1 shallow .. e_M deep) that scale i reads under the training map: h_k."""
         return tuple(self.n_levels - s for s in self.segment_of_scale)
 
+    @cached_property
+    def segment_of_token(self) -> tuple[int, ...]:
+        """Context segment every pyramid token reads under ``context_map`` (length L): the per-token map."""
+        if self.context_map == "training":
+            return tuple(self.segment_of_scale[i] for i in self.scale_of_token)
+        # reference pipeline: rows [:n_i] of the training mask for scale i, context levels reversed
+        row_segment = [self.segment_of_scale[i] for i in self.scale_of_token]
+        last = self.n_levels - 1
+        return tuple(last - row_segment[j] for n in self.token_counts for j in range(n))
+
+    @cached_property
+    def cross_runs(self) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+        """Per scale i, the runs ``(j0, j1, segment)`` of its tokens (0..n_i, ends exclusive) that read one
+        context segment, in token order. The training map has one run per scale."""
+        out = []
+        for i in range(self.n_scales):
+            seg = self.segment_of_token[self.scale_slice(i)]
+            runs: list[tuple[int, int, int]] = []
+            for j, s in enumerate(seg):
+                if runs and runs[-1][2] == s:
+                    runs[-1] = (runs[-1][0], j + 1, s)
+                else:
+                    runs.append((j, j + 1, s))
+            out.append(tuple(runs))
+        return tuple(out)
+
+    @cached_property
+    def segments_of_scale(self) -> tuple[tuple[int, ...], ...]:
+        """The distinct context segments the tokens of scale i read, ascending."""
+        return tuple(tuple(sorted({s for _, _, s in runs})) for runs in self.cross_runs)
+
+    @property
+    def single_segment(self) -> bool:
+        """Whether every scale reads one context segment (always so with the training map)."""
+        return all(len(runs) == 1 for runs in self.cross_runs)
+
     def context_slice(self, i: int) -> slice:
-        """Token range of scale i's segment inside the deep-first context."""
-        s = self.segment_of_scale[i]
+        """Token range of the one segment scale i reads inside the deep-first context.
+
+        Raises ScheduleError where the scale's tokens read several segments (``reference-pipeline``): use the
+        per-token map (``segment_of_token``, ``step_cross_ranges``) there.
+        """
+        runs = self.cross_runs[i]
+        if len(runs) != 1:
+            raise ScheduleError(
+                f"scale {i} reads context segments {self.segments_of_scale[i]} under context map "
+                f"{self.context_map!r}: there is no single context slice"
+            )
+        s = runs[0][2]
         return slice(s * self.context_tokens, (s + 1) * self.context_tokens)
+
+    def step_cross_ranges(self, i: int) -> tuple[tuple[int, int, int, int], ...]:
+        """Cross-attention ranges of decode step i: (query start, query end, key start, key end) with queries
+        0..n_i of the scale and keys in the full deep-first context (0..S); one per run of ``cross_runs``."""
+        T = self.context_tokens
+        return tuple((j0, j1, s * T, (s + 1) * T) for j0, j1, s in self.cross_runs[i])
+
+    def step_cross_mask(self, i: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Bool [n_i, S] cross-attention mask of decode step i (rows of ``cross_attn_mask``)."""
+        seg_l = torch.tensor(self.segment_of_token[self.scale_slice(i)], device=device)
+        seg_S = torch.arange(self.context_length, device=device) // self.context_tokens
+        return seg_l[:, None] == seg_S[None, :]
 
     @cached_property
     def clip_layers(self) -> tuple[int, ...]:
@@ -179,17 +254,18 @@ class Schedule:
         return kv == q if mode == "scale_local" else kv <= q
 
     def cross_attn_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Bool [L, S] mask: each token sees only the context segment of its scale."""
-        seg_L = torch.tensor(self.segment_of_scale, device=device)[torch.tensor(self.scale_of_token, device=device)]
+        """Bool [L, S] mask: each token sees only the context segment ``segment_of_token`` gives it."""
+        seg_L = torch.tensor(self.segment_of_token, device=device)
         seg_S = torch.arange(self.context_length, device=device) // self.context_tokens
         return seg_L[:, None] == seg_S[None, :]
 
     def key_ranges(self, kind: AttnMode | Literal["cross"]) -> tuple[tuple[int, int, int, int], ...]:
-        """The masks as ranges, per scale i: (query start, query end, key start, key end), ends exclusive.
+        """The masks as ranges (query start, query end, key start, key end), ends exclusive, in pyramid order.
 
-        Every mask of this model lets the queries of one scale see one contiguous run of keys: its own
-        scale (``scale_local``), the pyramid up to and including it (``block_causal``) or its context
-        segment (``cross``). Block-sparse kernels read these instead of the dense masks above.
+        The self-attention masks give one range per scale: its own scale (``scale_local``) or the pyramid up to
+        and including it (``block_causal``). ``cross`` gives one range per run of ``cross_runs``: a run of a
+        scale's tokens and the context segment they read (one per scale with the training map). The query
+        ranges partition 0..L. Block-sparse kernels read these instead of the dense masks above.
         """
         if kind not in (*ATTN_MODES, "cross"):
             raise ScheduleError(f"key ranges are for {(*ATTN_MODES, 'cross')}, got {kind!r}")
@@ -197,8 +273,7 @@ class Schedule:
         for i in range(self.n_scales):
             q0, q1 = self.offsets[i], self.offsets[i + 1]
             if kind == "cross":
-                ctx = self.context_slice(i)
-                out.append((q0, q1, ctx.start, ctx.stop))
+                out.extend((q0 + j0, q0 + j1, k0, k1) for j0, j1, k0, k1 in self.step_cross_ranges(i))
             else:
                 out.append((q0, q1, q0 if kind == "scale_local" else 0, q1))
         return tuple(out)
@@ -213,12 +288,14 @@ class Schedule:
             "context_tokens": self.context_tokens,
             "context_length": self.context_length,
             "guidance": self.guidance,
+            "context_map": self.context_map,
             "token_counts": list(self.token_counts),
             "offsets": list(self.offsets),
             "total_tokens": self.total_tokens,
             "cached_lengths": list(self.cached_lengths),
             "segment_of_scale": list(self.segment_of_scale),
             "level_of_scale": list(self.level_of_scale),
+            "segments_of_scale": [list(s) for s in self.segments_of_scale],
             "clip_layers": list(self.clip_layers),
             "phi_index": list(self.phi_index),
         }

@@ -21,17 +21,20 @@ def tiny_ckpt(tmp_path_factory):
     return path
 
 
-def _export_tiny(mode: str, folder):
-    """Peaked random tiny models of ``mode`` and their bundle (2 scans x 2 samples); scale-local via the CLI."""
+def _export_tiny(mode: str, folder, context_map: str = "training"):
+    """Peaked random tiny models of ``mode`` and their bundle (2 scans x 2 samples); scale-local via the CLI.
+
+    Under the ``reference-pipeline`` context map the tiny schedule's scales 2 and 3 read two context levels each.
+    """
     from mindhier_rt.bundle import Bundle
     from mindhier_rt.export.onnx_export import export_bundle
 
-    models = MindHier.from_config(preset("tiny").replace(attn_mode=mode), seed=0).eval()
+    models = MindHier.from_config(preset("tiny").replace(attn_mode=mode, context_map=context_map), seed=0).eval()
     with torch.no_grad():
         # peaked next-token distributions, as a trained model has: with the flat ones of random weights a
         # draw lands within float rounding of a CDF boundary often enough to flip a token now and then
         models.generator.head.weight.mul_(8.0)
-    if mode != "scale_local":
+    if mode != "scale_local" or context_map != "training":
         return models, export_bundle(models, folder / "bundle", batch=2, samples=2)
     from mindhier_rt.cli import main
 
@@ -46,16 +49,18 @@ def _export_tiny(mode: str, folder):
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """``tiny_export(mode) -> (models, bundle)``: one export per attention mode for the whole session (ONNX
-    export is the slowest thing the tests do). Shared: copy a bundle before altering it."""
+    """``tiny_export(mode, context_map="training") -> (models, bundle)``: one export per attention mode and
+    context map for the whole session (ONNX export is the slowest thing the tests do). Shared: copy a bundle
+    before altering it."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     cache = {}
 
-    def get(mode: str = "scale_local"):
-        if mode not in cache:
-            cache[mode] = _export_tiny(mode, tmp_path_factory.mktemp(f"tiny_{mode}"))
-        return cache[mode]
+    def get(mode: str = "scale_local", context_map: str = "training"):
+        if (mode, context_map) not in cache:
+            folder = tmp_path_factory.mktemp(f"tiny_{mode}_{context_map}")
+            cache[mode, context_map] = _export_tiny(mode, folder, context_map)
+        return cache[mode, context_map]
 
     return get
 

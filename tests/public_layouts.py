@@ -3,6 +3,13 @@
 Names and shapes only (no code of the public projects): VAR generator, Switti / MindHier generator and the
 VAR-style VQ-VAE, including the buffers those files store (level indices, training mask, zero k bias,
 code-usage statistics). Used by tests/test_importers.py and benchmarks/var_d16_export.py.
+
+AdaLN gates: the reference projects initialise the gate rows of every block's ``ada_lin`` (gamma1, gamma2: the
+first 2C outputs) scaled by 1e-5, so at initialisation a block's residual branches barely reach the logits and a
+parity test against such weights passes with a wrong block. ``gates="open"`` (default) sets those rows to gains
+of about 1 (bias 1 + noise, noisy weights) so that every projection of every block matters; ``gates="reference"``
+keeps the reference's scaling, for showing the difference; ``gates="drawn"`` leaves them as drawn with the other
+AdaLN rows (what these files held before; benchmarks/var_d16_export.py's recorded run).
 """
 
 from __future__ import annotations
@@ -10,14 +17,31 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
+Gates = Literal["open", "reference", "drawn"]
+
 
 def _rand(g: torch.Generator, *shape: int, std: float = 0.02) -> Tensor:
     return torch.randn(*shape, generator=g) * std
+
+
+def _gate_rows(g: torch.Generator, weight: Tensor, bias: Tensor, width: int, gates: Gates) -> None:
+    """Set the gate rows (first 2C outputs) of an AdaLN projection in place (module docstring)."""
+    if gates == "reference":
+        weight[: 2 * width] *= 1e-5
+        bias[: 2 * width] *= 1e-5
+    elif gates == "drawn":
+        return
+    elif gates == "open":
+        weight[: 2 * width] = _rand(g, 2 * width, width, std=0.05)
+        bias[: 2 * width] = 1 + _rand(g, 2 * width, std=0.2)
+    else:
+        raise ValueError(f"gates must be 'open', 'reference' or 'drawn', got {gates!r}")
 
 
 def level_index(patch_nums: tuple[int, ...]) -> Tensor:
@@ -43,6 +67,7 @@ def var_state_dict(
     hidden: int | None = None,
     seed: int = 0,
     std: float = 0.02,
+    gates: Gates = "open",
 ) -> dict[str, Tensor]:
     """A VAR generator (``var_d{depth}.pth``): class embedding, absolute positions, VAR blocks."""
     g = torch.Generator().manual_seed(seed)
@@ -78,6 +103,7 @@ def var_state_dict(
             b + "ada_lin.1.weight": _rand(g, 6 * C, C, std=std),
             b + "ada_lin.1.bias": _rand(g, 6 * C, std=0.5),
         }
+        _gate_rows(g, sd[b + "ada_lin.1.weight"], sd[b + "ada_lin.1.bias"], C, gates)
     return sd
 
 
@@ -93,6 +119,7 @@ def switti_state_dict(
     use_ar: bool = False,
     crop: bool = True,
     seed: int = 0,
+    gates: Gates = "open",
 ) -> dict[str, Tensor]:
     """A Switti (``pooler="text_pooler"``) or MindHier (``"fmri_pooler"``) generator's ``model.safetensors``."""
     g = torch.Generator().manual_seed(seed)
@@ -134,6 +161,7 @@ def switti_state_dict(
             b + "ada_lin.1.weight": _rand(g, 6 * C, C),
             b + "ada_lin.1.bias": _rand(g, 6 * C, std=0.5),
         }
+        _gate_rows(g, sd[b + "ada_lin.1.weight"], sd[b + "ada_lin.1.bias"], C, gates)
         for norm in ("self_attention", "cross_attention", "ffn"):
             for j in (1, 2):
                 sd[b + f"{norm}_norm{j}.weight"] = 1 + _rand(g, C, std=0.1)

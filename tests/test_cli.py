@@ -91,3 +91,18 @@ def test_init_then_decode_all_nan_fails(cli, tmp_path):
     np.save(bad, np.full((2, 96), np.nan, dtype=np.float32))
     code, _, err = cli("decode", "--ckpt", ckpt, "--fmri", bad, "--subject", "subj01", "--out", tmp_path / "o")
     assert code == 1 and err.count("skipped") == 2
+
+
+def test_decode_with_another_context_map(cli, tmp_path, tiny_ckpt, voxel_file):
+    """--context-map overrides a checkpoint's map (recorded in decode.json); a bundle's map is fixed at export."""
+    args = ["decode", "--ckpt", tiny_ckpt, "--fmri", voxel_file, "--subject", "subj01", "--seed", "3"]
+    assert cli(*args, "--out", tmp_path / "train")[0] == 0
+    code, _, err = cli(*args, "--out", tmp_path / "ref", "--context-map", "reference-pipeline")
+    assert code == 0, err
+    reports = {m: json.loads((tmp_path / m / "decode.json").read_text()) for m in ("train", "ref")}
+    assert reports["train"]["context_map"] == "training" and reports["ref"]["context_map"] == "reference-pipeline"
+    code, _, err = cli(*args, "--out", tmp_path / "bad", "--context-map", "inference")
+    assert code != 0 and "context map must be one of training, reference-pipeline" in err
+    code, _, err = cli("decode", "--engine", tmp_path, "--fmri", voxel_file, "--subject", "subj01",
+                       "--out", tmp_path / "e", "--context-map", "training")  # fmt: skip
+    assert code != 0 and "a bundle's map is fixed at export" in err

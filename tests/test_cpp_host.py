@@ -105,12 +105,12 @@ def test_altered_file_and_other_version_fail_in_one_line(bundle, host, tmp_path)
     other = tmp_path / "other"
     shutil.copytree(bundle, other)
     manifest = json.loads((other / "manifest.json").read_text())
-    manifest["format_version"] = 3
+    manifest["format_version"] = 4
     (other / "manifest.json").write_text(json.dumps(manifest))
     res = run_host(host, "--check-bundle", other)
     assert res.returncode != 0
     assert res.stderr.strip().count("\n") == 0
-    assert "bundle format version 3 is not supported (this host reads version 2)" in res.stderr
+    assert "bundle format version 4 is not supported (this host reads version 3)" in res.stderr
 
 
 def test_decode_without_tensorrt_says_so(bundle, host, tmp_path):
@@ -266,6 +266,51 @@ def test_plan_matches_the_python_decode_loop(bundle, host, scans, samples, sampl
     voxels = np.random.default_rng(0).standard_normal((scans, 96)).astype(np.float32)
     tokens, images = execute_plan(plan, bundle, voxels, sampling)
 
+    ref = reconstruct(OnnxRuntimeBackend(bundle), torch.from_numpy(voxels), "subj01", sampling, samples=samples)
+    for i, (got, want) in enumerate(zip(tokens, ref.tokens, strict=True)):
+        assert torch.equal(got, want.reshape(scans * samples, -1)), f"scale {i}"
+    want_images = ref.images_NS3HW.reshape(scans * samples, *images.shape[1:]).numpy()
+    np.testing.assert_allclose(images, want_images, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference_map_bundle(build_started, tiny_export) -> Path:
+    """The session's tiny block-causal bundle under the reference-pipeline context map (scales 2 and 3 read two
+    levels each). Never altered here."""
+    return tiny_export("block_causal", "reference-pipeline")[1].root
+
+
+@pytest.mark.parametrize(
+    "scans, samples, sampling, align",
+    [(2, 2, SamplingConfig(cfg_scale=4.0, cfg_stop=2, seed=3), 256), (1, 1, SamplingConfig(seed=5), 1024)],
+    ids=["cfg-stop", "guided-staged"],
+)
+def test_reference_map_plan_matches_the_python_decode_loop(reference_map_bundle, host, scans, samples, sampling, align):
+    """The host feeds cross.segment from the bundle's table and the whole context to every step; its plan,
+    executed with onnxruntime, gives the Python loop's tokens and images."""
+    from mindhier_rt.pipeline import reconstruct
+    from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+    bundle = reference_map_bundle
+    res = run_host(host, "--check-bundle", bundle, "--subject", "subj01")
+    assert res.returncode == 0, res.stderr
+    args = ["--print-plan", bundle, "--subject", "subj01", "--scans", scans, "--samples", samples]
+    args += ["--seed", sampling.seed, "--cfg-scale", sampling.cfg_scale, "--top-k", sampling.top_k]
+    args += ["--cfg-stop", "none" if sampling.cfg_stop is None else sampling.cfg_stop, "--align", align]
+    res = run_host(host, *args)
+    assert res.returncode == 0, res.stderr
+    plan = json.loads(res.stdout)
+    assert plan["tables"]["cross.segment"] == "cross_segment.npy"
+    offsets = json.loads((bundle / "manifest.json").read_text())["schedule"]["offsets"]
+    for st in plan["scales"]:
+        seg = next(b for b in st["step"]["inputs"] if b["tensor"] == "cross.segment")
+        assert seg["shape"] == [st["tokens"]]
+        staged = [c for c in st["step"]["stage"] if c["src"] == "cross.segment"]
+        assert (staged[0]["src_offset"] if staged else seg["offset"]) == offsets[st["scale"]]
+        key = next(b for b in st["step"]["inputs"] if b["tensor"] == "cross.0.key")
+        assert key["buffer"] == "cross.0.key" and key["offset"] == 0 and key["shape"][2] == 2 * 5  # M * T
+    voxels = np.random.default_rng(2).standard_normal((scans, 96)).astype(np.float32)
+    tokens, images = execute_plan(plan, bundle, voxels, sampling)
     ref = reconstruct(OnnxRuntimeBackend(bundle), torch.from_numpy(voxels), "subj01", sampling, samples=samples)
     for i, (got, want) in enumerate(zip(tokens, ref.tokens, strict=True)):
         assert torch.equal(got, want.reshape(scans * samples, -1)), f"scale {i}"

@@ -115,10 +115,13 @@ def test_var_pth_imports_strictly_and_round_trips(var_files, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.generator.state_dict().values(), ours.values(), strict=True))
 
 
-def test_var_matches_the_reference_forward(var_files):
-    """Teacher-forced and per-scale logits of the imported model = the formula forward above, to 1e-5."""
-    gen_path, vae_path, gen_sd, _ = var_files
+def var_parity(gen_path, vae_path, gen_sd, zeroed: str | None = None) -> tuple[float, float, float]:
+    """(teacher-forced error, per-scale error, reference logits std) of the imported VAR model against the
+    formula forward; ``zeroed`` names a weight of the imported model set to zero first (a wrong block)."""
     models = import_models(gen_path, vae_path).models
+    if zeroed is not None:
+        with torch.no_grad():
+            dict(models.generator.named_parameters())[zeroed].zero_()
     sched = models.cfg.schedule
     g = torch.Generator().manual_seed(1)
     labels = torch.tensor([3, 10])  # a class and the null class
@@ -132,9 +135,37 @@ def test_var_matches_the_reference_forward(var_files):
         for i in range(sched.n_scales):
             steps.append(models.generator.step(i, state, x))
             f_hat, x = models.vqvae.update_fhat(i, f_hat, idx[i])
-    assert ref.std() > 1e-2
-    assert max_rel_err(ours, ref) < 1e-5
-    assert max_rel_err(torch.cat(steps, dim=1), ref) < 1e-5
+    return max_rel_err(ours, ref), max_rel_err(torch.cat(steps, dim=1), ref), ref.std().item()
+
+
+ZEROED = ["blocks.0.attn.proj.weight", "blocks.1.attn.mat_qkv.weight", "blocks.1.ffn.fc2.weight"]
+
+
+@pytest.mark.parametrize("zeroed", [None, *ZEROED], ids=["intact", *ZEROED])
+def test_var_matches_the_reference_forward(var_files, zeroed):
+    """Teacher-forced and per-scale logits of the imported model = the formula forward above, to 1e-5; and the
+    test can fail: with one projection of one block zeroed, both are far off (the test weights' AdaLN gates are
+    open, ``public_layouts``)."""
+    gen_path, vae_path, gen_sd, _ = var_files
+    teacher, steps, std = var_parity(gen_path, vae_path, gen_sd, zeroed)
+    assert std > 1e-2
+    if zeroed is None:
+        assert teacher < 1e-5 and steps < 1e-5
+    else:
+        assert teacher > 1e-1 and steps > 1e-1, f"zeroing {zeroed} went unnoticed: {teacher:.1e}, {steps:.1e}"
+
+
+def test_reference_gates_would_hide_a_wrong_block(tmp_path):
+    """Why the test weights open the gates: with the reference's initialisation (gates scaled by 1e-5) a block
+    whose output projection is zeroed stays within 1e-4 of the formula forward, where open gates put it > 0.1."""
+    errors = {}
+    for gates in ("reference", "open"):
+        gen_sd, vae_sd = var_state_dict(**VAR_SIZES, std=0.05, gates=gates), vqvae_state_dict(**VAE_SIZES)
+        gen_sd["head.weight"] *= 20.0
+        torch.save(gen_sd, tmp_path / f"{gates}.pth")
+        torch.save(vae_sd, tmp_path / "vae.pth")
+        errors[gates] = var_parity(tmp_path / f"{gates}.pth", tmp_path / "vae.pth", gen_sd, ZEROED[0])[0]
+    assert errors["reference"] < 1e-4 < 1e-1 < errors["open"], errors
 
 
 @pytest.mark.parametrize("layout", ["switti", "mindhier"])
@@ -145,11 +176,14 @@ def test_switti_and_mindhier_folders_import(layout, tmp_path):
     conf = {"depth": 2, "rope": True, "rope_theta": 10000, "rope_size": 128, "use_swiglu_ffn": True,
             "use_ar": use_ar, "use_crop_cond": True, "num_heads": 4}  # fmt: skip
     gen = save_hf_folder(tmp_path / layout, sd, conf)
-    vae_conf = {"vocab_size": 64, "z_channels": 8, "ch": 32, "test_mode": True, "share_quant_resi": 4,
-                "v_patch_nums": list(pn)}  # fmt: skip
-    vae = save_hf_folder(tmp_path / "vae", vqvae_state_dict(**{**VAE_SIZES, "scales": 4}), vae_conf)
+    # VQVAEHF.save_pretrained as Switti and MindHier write it: the constructor's keys with reso, no v_patch_nums
+    vae_conf = {"vocab_size": 64, "z_channels": 8, "ch": 32, "test_mode": True, "share_quant_resi": 4, "reso": 512}
+    vae = save_hf_folder(tmp_path / "vae", vqvae_state_dict(**{**VAE_SIZES, "scales": 10}), vae_conf)
     models = import_models(gen, vae).models
     cfg, g = models.cfg, models.cfg.generator
+    # MindHier's published images come from its reference pipeline's per-token context map; Switti reads 1 level
+    assert cfg.context_map == ("reference-pipeline" if layout == "mindhier" else "training")
+    assert import_models(gen, vae, context_map="training").models.cfg.context_map == "training"
     assert (g.block, g.heads, g.crop_cond, g.crop_freqs, g.rope_layout, g.crop_unit) == ("switti", 4, True, 8,
                                                                                          "switti", 512.0)  # fmt: skip
     assert g.attn_mode == ("block_causal" if use_ar else "scale_local")
@@ -162,11 +196,66 @@ def test_switti_and_mindhier_folders_import(layout, tmp_path):
     for k, v in sd.items():
         if k not in renamed | {"lvl_1L", "attn_bias_for_masking"}:
             assert torch.equal(ours[k].reshape(v.shape), v), k
-    # it runs: one scale of the context step and the first step
+    # it runs, and every block matters: zeroing one projection moves the logits far beyond parity tolerances
+    pooled, context = torch.randn(2, pooled_dim), torch.randn(2, cfg.schedule.context_length, context_dim)
+    idx = [torch.randint(64, (2, n), generator=torch.Generator().manual_seed(n)) for n in cfg.schedule.token_counts]
     with torch.no_grad():
-        state = models.generator.prepare(torch.randn(2, pooled_dim), torch.randn(2, cfg.schedule.context_length,
-                                                                                  context_dim))  # fmt: skip
+        x_BLE = models.vqvae.teacher_inputs(idx)
+        intact = models.generator(pooled, context, x_BLE)
+        for name in ("blocks.0.attn.proj.weight", "blocks.1.cross_attn.proj.weight", "blocks.1.ffn.down_proj.weight"):
+            weight = dict(models.generator.named_parameters())[name]
+            saved = weight.clone()
+            weight.zero_()
+            assert max_rel_err(models.generator(pooled, context, x_BLE), intact) > 1e-2, name
+            weight.copy_(saved)
+        state = models.generator.prepare(pooled, context)
         assert models.generator.step(0, state).shape == (2, 1, 64)
+
+
+def _vae_files(tmp_path, shape: str) -> tuple:
+    """A tiny VAR-style VQ-VAE as each code base writes it; returns (path for --vae, its training scales)."""
+    base = {"vocab_size": 64, "z_channels": 8, "ch": 32, "test_mode": True, "share_quant_resi": 4}
+    scales = {"var": 3, "switti-v_patch_nums": 4, "vqvaehf-reso-512": 10, "vqvaehf-reso-1024": 14}[shape]
+    sd = vqvae_state_dict(**{**VAE_SIZES, "scales": scales})
+    if shape == "var":  # vae_ch160v4096z32.pth: a torch.save state dict, constructor arguments in code
+        torch.save(sd, tmp_path / "vae.pth")
+        return tmp_path / "vae.pth", scales
+    if shape == "switti-v_patch_nums":  # Switti's first VQVAEHF: v_patch_nums among the constructor arguments
+        conf = {**base, "v_patch_nums": [1, 2, 3, 4]}
+    else:  # VQVAEHF of Switti's current code and of MindHier's models/vqvae.py: reso (default 1024)
+        conf = {**base, "reso": int(shape.rsplit("-", 1)[1])}
+    return save_hf_folder(tmp_path / shape, sd, conf), scales
+
+
+@pytest.mark.parametrize("shape", ["var", "switti-v_patch_nums", "vqvaehf-reso-512", "vqvaehf-reso-1024"])
+def test_vqvae_configs_as_each_code_base_writes_them(shape, tmp_path):
+    """The same VQ-VAE weights load from every config shape, with a MindHier generator on 4 scales: the VQ-VAE's
+    own training schedule (reso / v_patch_nums) sizes only its code-usage statistics."""
+    sd = switti_state_dict("fmri_pooler", 2, 64, (1, 2, 3, 4), 64, 8, 32, 32)
+    gen = save_hf_folder(tmp_path / "mindhier", sd, {"depth": 2, "use_ar": False, "use_crop_cond": True})
+    vae, _ = _vae_files(tmp_path, shape)
+    models = import_models(gen, vae).models
+    want = vqvae_state_dict(**{**VAE_SIZES, "scales": 3})  # same seed: the same weights whatever the scales
+    ours = models.vqvae.state_dict()
+    assert all(torch.equal(ours[k], want[k]) for k in ours)
+    assert models.cfg.vqvae.ch == 32 and models.cfg.patch_nums == (1, 2, 3, 4)
+
+
+def test_vqvae_config_refusals(tmp_path):
+    base = {"vocab_size": 64, "z_channels": 8, "ch": 32, "test_mode": True, "share_quant_resi": 4}
+    gen = save_hf_folder(
+        tmp_path / "mh", switti_state_dict("fmri_pooler", 1, 64, (1, 2, 3, 4), 64, 8, 32, 32), {"depth": 1}
+    )
+    cases = [
+        ({**base, "reso": 768}, 10, r"reso=768; known: \[256, 512, 1024\]"),
+        ({**base, "reso": 512}, 14, r"scales \(code-usage statistics rows\)=10, the tensors say 14"),
+        ({**base, "ch": 48}, 10, "config.json says ch=48, the tensors say 32"),
+        ({**base, "reso": 512, "use_fancy_quant": True}, 10, "unknown constructor arguments use_fancy_quant"),
+    ]
+    for k, (conf, scales, message) in enumerate(cases):
+        vae = save_hf_folder(tmp_path / f"vae{k}", vqvae_state_dict(**{**VAE_SIZES, "scales": scales}), conf)
+        with pytest.raises(CheckpointError, match=message):
+            import_models(gen, vae)
 
 
 @pytest.mark.parametrize(("depth", "params"), [(16, 310e6), (30, 2.0e9)])

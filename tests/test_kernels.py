@@ -41,9 +41,11 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def sched(m: int = 3, t: int = 7, guidance: str = "coarse_to_fine") -> Schedule:
+def sched(m: int = 3, t: int = 7, guidance: str = "coarse_to_fine", context_map: str = "training") -> Schedule:
     # ragged scale sizes 1, 4, 9, 16, 36 tokens
-    return Schedule(patch_nums=(1, 2, 3, 4, 6), n_levels=m, context_tokens=t, guidance=guidance)
+    return Schedule(
+        patch_nums=(1, 2, 3, 4, 6), n_levels=m, context_tokens=t, guidance=guidance, context_map=context_map
+    )
 
 
 def randn(*shape: int, gen: torch.Generator, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -82,6 +84,13 @@ def check_against_ref(
 @pytest.mark.parametrize(("head_dim", "m", "t"), [(32, 3, 7), (48, 2, 17)])
 def test_teacher_forced_pyramid_matches_reference(kind, guidance, head_dim, m, t):
     s = sched(m, t, guidance)
+    if kind == "cross":  # the reference-pipeline map: runs of tokens inside one scale read different segments
+        ref_map = sched(m, t, guidance, "reference-pipeline")
+        assert max(len(r) for r in ref_map.cross_runs) > 1
+        gen = torch.Generator().manual_seed(head_dim + m)
+        q = randn(2, 2, ref_map.total_tokens, head_dim, gen=gen)
+        k, v = (randn(2, 2, ref_map.context_length, head_dim, gen=gen) for _ in range(2))
+        check_against_ref(q, k, v, ref_map.key_ranges("cross"), CPU_RTOL, block_m=16, block_n=16)
     gen = torch.Generator().manual_seed(100 * sa.KINDS.index(kind) + 10 * (guidance == "coarse_to_fine") + head_dim)
     B, H, L = 2, 2, s.total_tokens
     S = s.context_length if kind == "cross" else L
@@ -132,11 +141,18 @@ def test_random_ranges_match_reference(head_dim, sizes, gap, n_keys, seed):
 
 # ---- decode steps against a preallocated cache -----------------------------------------------------------
 @pytest.mark.parametrize(
-    ("kind", "cached"), [("cross", True), ("block_causal", True), ("scale_local", True), ("scale_local", False)]
+    ("kind", "cached", "context_map"),
+    [
+        ("cross", True, "training"),
+        ("cross", True, "reference-pipeline"),
+        ("block_causal", True, "training"),
+        ("scale_local", True, "training"),
+        ("scale_local", False, "training"),
+    ],
 )
-def test_decode_steps_reproduce_the_teacher_forced_rows(kind, cached):
+def test_decode_steps_reproduce_the_teacher_forced_rows(kind, cached, context_map):
     """Step i's queries against the cache (NaN beyond what step i may see) == rows of scale i in one pass."""
-    s = sched(3, 7, "fine_to_coarse")
+    s = sched(3, 7, "fine_to_coarse", context_map)
     gen = torch.Generator().manual_seed(3)
     B, H, c, L = 2, 2, 48, s.total_tokens
     S = s.context_length if kind == "cross" else L
@@ -153,10 +169,11 @@ def test_decode_steps_reproduce_the_teacher_forced_rows(kind, cached):
         sl = s.scale_slice(i)
         if kind != "cross":
             cache_B2SHc[:, :, sl] = kv_B2SHc[:, :, sl]  # write this scale's K/V at its offset
-        (step_range,) = sa.ranges_for_step(s, i, kind, cached)
+        step_ranges = sa.ranges_for_step(s, i, kind, cached)
+        assert sum(q1 - q0 for q0, q1, _, _ in step_ranges) == s.token_counts[i]
         k, v = (cache_k, cache_v) if cached else (k_BHSc[:, :, sl], v_BHSc[:, :, sl])
         q = q_BHLc[:, :, sl]
-        got = sa.scale_masked_attention(q, k, v, [step_range], out=poisoned(q), block_m=16, block_n=16)
+        got = sa.scale_masked_attention(q, k, v, step_ranges, out=poisoned(q), block_m=16, block_n=16)
         assert torch.isfinite(got).all(), f"step {i} read keys outside its range"
         err = rel_err(got, want_BHLc[:, :, sl])
         assert err < CPU_RTOL, f"step {i}: relative error {err:.2e}"
@@ -168,6 +185,10 @@ def test_ranges_for_step_values():
     assert sa.ranges_for_step(s, 3, "block_causal") == ((0, 16, 0, 30),)
     assert sa.ranges_for_step(s, 3, "scale_local") == ((0, 16, 14, 30),)
     assert sa.ranges_for_step(s, 3, "scale_local", cached=False) == ((0, 16, 0, 16),)
+    # reference-pipeline map, M = 3 of 5 scales: scale 3's first 5 pyramid rows are scales 0-1 (segment 0 ->
+    # mirrored 2), rows 5..13 scale 2 (segment 1 -> 1), rows 14..15 scale 3 (segment 1 -> 1)
+    r = sched(3, 7, context_map="reference-pipeline")
+    assert sa.ranges_for_step(r, 3, "cross") == ((0, 5, 14, 21), (5, 16, 7, 14))
     with pytest.raises(ConfigError, match="scale index"):
         sa.ranges_for_step(s, 5, "cross")
     with pytest.raises(ConfigError, match="kind"):

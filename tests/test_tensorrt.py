@@ -60,16 +60,17 @@ FAKE_VERSION = "10.15.1.29"  # has TensorScatter: in-place caches
 
 @pytest.fixture(scope="module")
 def bundle_copy(tiny_export, tmp_path_factory):
-    """``bundle_copy(mode)``: a private copy of the session's tiny bundle (2 scans x 2 samples, guided)."""
-    copies: dict[str, Bundle] = {}
+    """``bundle_copy(mode, context_map="training")``: a private copy of the session's tiny bundle (2 scans x 2
+    samples, guided)."""
+    copies: dict[tuple[str, str], Bundle] = {}
 
-    def get(mode: str) -> Bundle:
-        if mode not in copies:
-            _, bundle = tiny_export(mode)
-            dst = tmp_path_factory.mktemp(f"trt_{mode}") / "bundle"
+    def get(mode: str, context_map: str = "training") -> Bundle:
+        if (mode, context_map) not in copies:
+            _, bundle = tiny_export(mode, context_map)
+            dst = tmp_path_factory.mktemp(f"trt_{mode}_{context_map}") / "bundle"
             shutil.copytree(bundle.root, dst)
-            copies[mode] = Bundle.open(dst)
-        return copies[mode]
+            copies[mode, context_map] = Bundle.open(dst)
+        return copies[mode, context_map]
 
     return get
 
@@ -199,12 +200,14 @@ def test_misaligned_segments_are_copied(bundle_copy):
     _check_plan(manifest, plan)
 
 
-def test_kv_graph_matches_the_concat_graph(bundle_copy):
+@pytest.mark.parametrize("context_map", ["training", "reference-pipeline"])
+def test_kv_graph_matches_the_concat_graph(bundle_copy, context_map):
     """generator_step_kv (TensorScatter into a full-length cache, masked keys) gives the concat graph's logits
-    and caches at every scale, with stale values in the unwritten part of the cache."""
+    and caches at every scale, with stale values in the unwritten part of the cache; under the reference-pipeline
+    map too (the masked cross-attention is left as it is)."""
     import onnxruntime as ort
 
-    bundle = bundle_copy("block_causal")
+    bundle = bundle_copy("block_causal", context_map)
     entry = derive_kv_step_graph(bundle)
     kv_path = bundle.path(entry["file"])
     from onnx import load
@@ -222,8 +225,9 @@ def test_kv_graph_matches_the_concat_graph(bundle_copy):
     fixed = {
         n: rng.standard_normal(resolve_shape(s, R), dtype=np.float32)
         for n, s in specs.items()
-        if n in ("ada_blocks", "ada_head") or n.startswith("cross.")
+        if n in ("ada_blocks", "ada_head") or (n.startswith("cross.") and n != "cross.segment")
     }
+    segment = np.load(bundle.path("cross_segment.npy")) if "cross.segment" in specs else None
     past = {n: np.zeros(resolve_shape(s, R, past=0), np.float32) for n, s in specs.items() if n.startswith("past_")}
     cache = {n: np.full((R, *p.shape[1:2], L, p.shape[3]), 7.0, np.float32) for n, p in past.items()}
     out_names = [o.name for o in concat.get_outputs()]
@@ -231,6 +235,8 @@ def test_kv_graph_matches_the_concat_graph(bundle_copy):
         l, off = scale["tokens"], scale["offset"]
         feeds = {"h": rng.standard_normal((R, l, specs["h"]["shape"][2]), dtype=np.float32)}
         feeds.update({"rope.cos": cos[off : off + l], "rope.sin": sin[off : off + l], **fixed})
+        if segment is not None:
+            feeds["cross.segment"] = segment[off : off + l]
         ref = concat.run(None, {**feeds, **past})
         got = kv.run(None, {**feeds, **cache, "write_indices": np.full(R, off, np.int64)})
         np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
@@ -570,14 +576,22 @@ def test_block_causal_build_switches_between_cache_modes(bundle_copy, tmp_path):
 
 
 # ---- the backend, on the double -----------------------------------------------------------------------
-@pytest.mark.parametrize(("mode", "version"), [("scale_local", FAKE_VERSION), ("block_causal", FAKE_VERSION),
-                                               ("block_causal", "10.14.1.48")], ids=["scale_local", "in_place",
-                                                                                     "ping_pong"])  # fmt: skip
-def test_backend_decodes_like_onnxruntime(bundle_copy, tmp_path, mode, version):
+@pytest.mark.parametrize(
+    ("mode", "version", "context_map"),
+    [
+        ("scale_local", FAKE_VERSION, "training"),
+        ("block_causal", FAKE_VERSION, "training"),
+        ("block_causal", "10.14.1.48", "training"),
+        ("block_causal", FAKE_VERSION, "reference-pipeline"),
+    ],
+    ids=["scale_local", "in_place", "ping_pong", "in_place-reference_map"],
+)
+def test_backend_decodes_like_onnxruntime(bundle_copy, tmp_path, mode, version, context_map):
     """Same tokens and images as the onnxruntime backend, through the binding plan; with fewer rows than
-    built (1 scan x 2 samples of 2 x 2), guidance switched off mid-way, and replayed "graphs"."""
+    built (1 scan x 2 samples of 2 x 2), guidance switched off mid-way, and replayed "graphs". Under the
+    reference-pipeline map the step reads table.cross_segment as uploaded by the backend and the whole context."""
     root = tmp_path / "bundle"
-    shutil.copytree(bundle_copy(mode).root, root)
+    shutil.copytree(bundle_copy(mode, context_map).root, root)
     build_plans(root, BuildOptions(), builder=FakePlanBuilder(version))
     FakeTensorRT.__version__ = version
     try:
@@ -703,14 +717,24 @@ def _reference_evaluator_with_plugin():
     return lambda path: ReferenceEvaluator(str(path), new_ops=[SingleRangeAttention])
 
 
-@pytest.mark.parametrize("mode, kv", [("scale_local", None), ("block_causal", None), ("block_causal", "in_place")])
-def test_attention_plugin_graph_computes_the_step(mode, kv, bundle_copy):
+@pytest.mark.parametrize(
+    "mode, kv, context_map",
+    [
+        ("scale_local", None, "training"),
+        ("block_causal", None, "training"),
+        ("block_causal", "in_place", "training"),
+        ("block_causal", None, "reference-pipeline"),
+    ],
+)
+def test_attention_plugin_graph_computes_the_step(mode, kv, context_map, bundle_copy):
     """The rewritten step graph, with the plugin evaluated by its NumPy semantics, gives the exported step's
-    logits (and caches); unmasked attentions become plugin nodes, the masked in-place self-attention stays."""
+    logits (and caches); unmasked attentions become plugin nodes, the masked in-place self-attention and the
+    per-token masked cross-attention (reference-pipeline map) stay."""
     import onnx
     import onnxruntime as ort
 
-    bundle = bundle_copy(mode)
+    bundle = bundle_copy(mode, context_map)
+    masked_cross = context_map == "reference-pipeline"
     graph = STEP_GRAPH
     if kv == "in_place":
         bundle.manifest["graphs"][KV_GRAPH] = derive_kv_step_graph(bundle)
@@ -719,8 +743,8 @@ def test_attention_plugin_graph_computes_the_step(mode, kv, bundle_copy):
     path = attention_plugin.derive_plugin_graph(bundle, graph, bundle.cfg.generator.head_dim)
     assert path.name == f"{graph}_attention_plugin.onnx"
     ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
-    assert ops[attention_plugin.PLUGIN_NAME] == (depth if kv == "in_place" else 2 * depth)
-    assert ops["Softmax"] == (depth if kv == "in_place" else 0)
+    assert ops[attention_plugin.PLUGIN_NAME] == (depth if kv == "in_place" or masked_cross else 2 * depth)
+    assert ops["Softmax"] == (depth if kv == "in_place" or masked_cross else 0)
 
     manifest, rng = bundle.manifest, np.random.default_rng(0)
     scale = 2  # a scale with a past in block-causal mode
@@ -731,6 +755,10 @@ def test_attention_plugin_graph_computes_the_step(mode, kv, bundle_copy):
         shape = tensor_shape(s, symbols)
         if s["name"] == "write_indices":
             feeds[s["name"]] = np.full(shape, symbols.get("past", 5), np.int64)
+        elif s["name"] == "cross.segment":  # the scale's two levels (tiny schedule, reference-pipeline map)
+            offset = manifest["scales"][scale]["offset"]
+            feeds[s["name"]] = np.load(bundle.path("cross_segment.npy"))[offset : offset + shape[0]]
+            assert len(set(feeds[s["name"]].tolist())) == 2
         else:
             feeds[s["name"]] = rng.standard_normal(shape).astype(np.float32)
     want = ort.InferenceSession(str(bundle.path(spec["file"])), providers=["CPUExecutionProvider"]).run(None, feeds)
@@ -770,3 +798,30 @@ def test_attention_plugin_needs_tensorrt_plugin_api(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_tensorrt)
     with pytest.raises(BackendError, match=r"--attention-plugin needs TensorRT >= 10.8"):
         attention_plugin.register_plugin((9, 0))
+
+
+def test_binding_plan_of_a_per_token_context_map(tiny_export, tmp_path):
+    """reference-pipeline: every scale binds the whole context output in place and its rows of the int64 table
+    cross_segment at an aligned offset of table.cross_segment; the uploaded image holds each scale's rows."""
+    _, bundle = tiny_export("block_causal", "reference-pipeline")
+    manifest = bundle.manifest
+    plan = binding_plan(manifest, row_counts(manifest))
+    _check_plan(manifest, plan)
+    step = plan.bindings["generator_step"]
+    key = step["cross.0.key"]
+    assert set(key.buffer) == {"context.cross.0.key"} and set(key.offsets) == {0} and key.copy_from is None
+    assert key.shapes[0][2] == manifest["schedule"]["context_length"]
+    seg = step["cross.segment"]
+    assert seg.dtype == "int64" and set(seg.buffer) == {"table.cross_segment"}
+    assert list(seg.offsets) == [r[2] for r in plan.segment_layout]
+    assert [r[:2] for r in plan.segment_layout] == [(s["offset"], s["tokens"]) for s in manifest["scales"]]
+    # the table image as the TensorRT backend uploads it, read back per scale
+    table = bundle.load_table("cross_segment").astype(np.int64)
+    image = np.zeros(plan.buffers["table.cross_segment"], np.uint8)
+    for first, count, offset in plan.segment_layout:
+        image[offset : offset + count * 8] = table[first : first + count].view(np.uint8)
+    sched = bundle.cfg.schedule
+    for i in range(sched.n_scales):
+        got = image[seg.offsets[i] : seg.offsets[i] + seg.nbytes(i)].view(np.int64)
+        assert list(got) == list(sched.segment_of_token[sched.scale_slice(i)])
+    assert json.loads(json.dumps(plan.to_dict()))["segment_layout"] == [list(r) for r in plan.segment_layout]

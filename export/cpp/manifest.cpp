@@ -193,6 +193,13 @@ Manifest parse_manifest(const json::Value& doc, const std::filesystem::path& roo
     m.graphs[name] = std::move(spec);
   }
   for (const auto& [name, file] : top["tables"].as_object()) m.tables[name] = Field{file, "tables." + name}.str();
+  const Field context_map = top["context_map"];
+  m.context_map = context_map.str();
+  if (m.context_map != "training" && m.context_map != "reference-pipeline") {
+    throw HostError(context_map.path + ": expected \"training\" or \"reference-pipeline\", found \"" +
+                    m.context_map + "\"");
+  }
+
   for (const auto& [rel, value] : top["files"].as_object()) {
     const Field f{value, "files." + rel};
     m.files[rel] = FileEntry{f["sha256"].str(), f["bytes"].i64()};

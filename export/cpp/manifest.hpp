@@ -10,7 +10,8 @@
 //   sampling.{cfg_scale, cfg_stop, top_k, top_p, greedy, seed}
 //   graphs {name: {file, inputs: [{name, dtype, shape}], outputs: [...], external_data (optional)}};
 //     shape entries are ints or symbolic dim names ("rows", "tokens", "past", "past+tokens")
-//   tables {rope_cos, rope_sin: file names}
+//   context_map ("training" or "reference-pipeline": which context segment each query token reads)
+//   tables {rope_cos, rope_sin, cross_segment (reference-pipeline only, int64 [L]): file names}
 //   files {relative path: {sha256, bytes}}
 //   plans (optional, written by `mindhier-rt build`): {graph name: {file, profiles: [{input name:
 //     {min: [...], opt: [...], max: [...]}}], flags (optional list; "version_compatible")}}; for the
@@ -34,7 +35,7 @@
 namespace mh {
 
 constexpr const char* kBundleFormat = "mindhier-rt-bundle";
-constexpr int64_t kFormatVersion = 2;  // mindhier_rt/bundle.py FORMAT_VERSION
+constexpr int64_t kFormatVersion = 3;  // mindhier_rt/bundle/manifest.py FORMAT_VERSION
 
 struct Dim {
   int64_t value = 0;
@@ -99,6 +100,10 @@ struct Manifest {
   std::map<std::string, GraphSpec> graphs;
   std::map<std::string, std::string> tables;
   std::map<std::string, FileEntry> files;
+  // "training": scale i reads context segment segment_of_scale[i] (one segment-major block of the cross cache);
+  // "reference-pipeline": every step reads the whole context [B, H, S, c] and the per-token segments
+  // (input cross.segment = rows offset_i .. offset_i + l_i of the table cross_segment)
+  std::string context_map = "training";
   std::map<std::string, PlanFile> plans;  // empty before `mindhier-rt build`
   std::string step_graph = "generator_step";
 

@@ -311,10 +311,27 @@ DecodePlan make_plan(const Manifest& m, const std::string& subject, int64_t scan
     }
   }
 
-  // Each cross output is [M, C, H, T, c]: segment g starts at g * (C * H * T * c).
+  const std::string step_name = m.step_graph;
+  const GraphSpec& step_spec = m.graph(step_name);
+  // A per-token context map (reference-pipeline): the step reads the whole context [C, H, S, c] in place and
+  // the segment of each of its tokens, input cross.segment = rows offset_i .. offset_i + l_i of cross_segment.
+  const bool per_token = step_spec.find_input("cross.segment") != nullptr;
+  if (per_token && m.context_map != "reference-pipeline") {
+    throw HostError(step_name + " reads cross.segment, but the context map is \"" + m.context_map + "\"");
+  }
+  if (per_token && !m.tables.count("cross_segment")) throw HostError("the manifest has no table cross_segment");
+  // Otherwise each cross output is [M, C, H, T, c]: segment g starts at g * (C * H * T * c).
   std::map<std::string, int64_t> segment_stride;
   for (const Binding& b : p.context.outputs) {
     if (!starts_with(b.tensor, "cross.")) continue;
+    if (per_token) {
+      if (b.shape.size() != 4 || b.shape[2] != s.context_length) {
+        throw HostError("context output " + b.tensor + " " + shape_str(b.shape) +
+                        " should be [rows, H, context_length = " + std::to_string(s.context_length) + ", c]");
+      }
+      segment_stride[b.tensor] = 0;  // every scale binds the whole context
+      continue;
+    }
     if (b.shape.empty() || b.shape[0] != s.n_levels) {
       throw HostError("context output " + b.tensor + " " + shape_str(b.shape) + " should have n_levels = " +
                       std::to_string(s.n_levels) + " segments on its first axis");
@@ -322,8 +339,6 @@ DecodePlan make_plan(const Manifest& m, const std::string& subject, int64_t scan
     segment_stride[b.tensor] = b.volume() / s.n_levels;
   }
   const GraphSpec& context_spec = m.graph("context");
-  const std::string step_name = m.step_graph;
-  const GraphSpec& step_spec = m.graph(step_name);
   bool has_past = false, in_place = false;
   for (const TensorSpec& t : step_spec.inputs) {
     has_past = has_past || starts_with(t.name, "past_key_values.");
@@ -382,6 +397,10 @@ DecodePlan make_plan(const Manifest& m, const std::string& subject, int64_t scan
           if (n == "rope.cos" || n == "rope.sin") {
             if (shape.size() != 2) throw HostError(step_name + " input " + n + " should be [tokens, head_dim]");
             return Where{n, s.offsets[size_t(i)] * shape[1]};
+          }
+          if (n == "cross.segment") {
+            if (shape != std::vector<int64_t>{st.tokens}) throw HostError(step_name + " input " + n + " should be [tokens]");
+            return Where{n, s.offsets[size_t(i)]};
           }
           if (starts_with(n, "cross.")) {
             auto it = segment_stride.find(n);
@@ -464,6 +483,7 @@ DecodePlan make_plan(const Manifest& m, const std::string& subject, int64_t scan
     if (it == m.tables.end()) throw HostError(std::string("the manifest has no table ") + table);
     p.tables[std::string("rope.") + (table + 5)] = it->second;
   }
+  if (per_token) p.tables["cross.segment"] = m.tables.at("cross_segment");
 
   if (use_profiles) {
     choose_profile(m, p.encoder, -1);

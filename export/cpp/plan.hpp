@@ -22,6 +22,9 @@
 //   ada_blocks.rows<N>       ada_blocks cut to its first N rows (a strided copy) when a step runs on fewer
 //                            rows than the context step (guidance stopped, no padding)
 //   rope.cos, rope.sin       the bundle's rope tables [L, c]; scale i binds rows offset_i .. offset_i + l_i
+//   cross.segment            reference-pipeline context map: the bundle's int64 table cross_segment [L];
+//                            scale i binds rows offset_i .. offset_i + l_i, and its cross.* inputs bind the
+//                            whole context output [B, H, S, c] in place
 //   h                        the next scale's input, written by update_i (rows 0..R-1) and duplicated for
 //                            the unconditional rows while the next scale is guided
 //   logits                   [rows, l, V]; the host combines and samples the first (2)R rows
@@ -90,7 +93,7 @@ struct DecodePlan {
   SamplingConfig sampling;
   std::vector<uint32_t> row_scan, row_sample;  // ids of the R conditional rows
   std::map<std::string, BufferSpec> buffers;
-  std::map<std::string, std::string> tables;              // float buffer -> bundle .npy it is loaded from
+  std::map<std::string, std::string> tables;  // buffer -> bundle .npy it is loaded from (float32, or int64)
   std::map<std::string, std::vector<int64_t>> int_tables;  // int64 buffer -> its values (write_indices)
   GraphCall encoder;       // the scans
   GraphCall encoder_null;  // the all-zero scan; graph empty when the decode is never guided

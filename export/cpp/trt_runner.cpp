@@ -258,6 +258,16 @@ TrtRunner::TrtRunner(const Manifest& m, const DecodePlan& plan, int device) : im
     I.buffers.emplace(name, b);
   }
   for (const auto& [buffer, file] : plan.tables) {
+    if (plan.buffers.at(buffer).dtype == "int64") {  // cross_segment: the per-token context map
+      const std::vector<int64_t> values = read_npy(m.path(file)).to_int64();
+      if (int64_t(values.size()) != I.buffers.at(buffer).elements) {
+        throw HostError(file + ": " + std::to_string(values.size()) + " values, but the graphs read " +
+                        std::to_string(I.buffers.at(buffer).elements) + " from it");
+      }
+      I.upload_tokens(Binding{buffer, buffer, 0, {int64_t(values.size())}}, values);
+      I.tables.insert(buffer);
+      continue;
+    }
     const std::vector<float> table = read_npy_float32(m.path(file), 2).to_float32();
     if (int64_t(table.size()) != I.buffers.at(buffer).elements) {
       throw HostError(file + ": " + std::to_string(table.size()) + " values, but the graphs read " +

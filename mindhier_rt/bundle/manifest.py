@@ -25,7 +25,11 @@ from mindhier_rt.errors import BundleError, ConfigError
 from mindhier_rt.sampling import SamplingConfig
 
 FORMAT = "mindhier-rt-bundle"
-FORMAT_VERSION = 2  # 2: rope tables are per head dim [L, c] (cos repeated, sin signed)
+# 2: rope tables are per head dim [L, c] (cos repeated, sin signed)
+# 3: the context map (``context_map``; ``reference-pipeline`` bundles feed a per-token ``cross.segment`` from the
+#    table ``cross_segment`` and the whole context K/V to every step): a reader that ignored it would decode a
+#    reference-pipeline bundle with the wrong inputs, so older readers must refuse these bundles
+FORMAT_VERSION = 3
 DTYPES = ("float32", "float16")
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -187,6 +191,7 @@ class Manifest:
     graphs: dict[str, GraphSpec]
     tables: dict[str, str]
     files: dict[str, FileEntry]
+    context_map: str = "training"  # which context segment each query token reads (mindhier_rt/schedule.py)
     decode_loop: tuple[str, ...] = ()
     source: str | None = None
     versions: dict[str, Any] = field(default_factory=dict)
@@ -337,6 +342,13 @@ def parse_manifest(doc: object, source: str) -> Manifest:
                     f"(graphs.{g.name} input {t.name} is {t.dtype})"
                 )
     tables = {k: v.file() for k, v in top.key("tables").items()}
+    context_map = top.key("context_map").str()
+    if context_map != cfg.context_map:
+        raise top.key("context_map").error(f"{cfg.context_map!r} (the config's context map)")
+    per_token = cfg.generator.cross_attention and not cfg.schedule.single_segment
+    if per_token != ("cross_segment" in tables):
+        want = "a" if per_token else "no"
+        raise top.key("tables").error(f"{want} cross_segment table (context map {context_map!r})")
     files = {check_name(k, f"{source}: manifest field files"): _file_entry(v) for k, v in top.key("files").items()}
     if "manifest.json" in files:
         raise top.key("files").error("the bundle's files other than manifest.json")
@@ -359,6 +371,7 @@ def parse_manifest(doc: object, source: str) -> Manifest:
         graphs=graphs,
         tables=tables,
         files=files,
+        context_map=context_map,
         decode_loop=() if loop is None else tuple(x.str() for x in loop.elements()),
         source=None if src is None or src.value is None else src.str(),
         versions={} if versions is None else versions.obj(),

@@ -9,8 +9,12 @@ Two ways through the same weights, which must agree:
 
 Attention modes (``cfg.generator.attn_mode``): ``scale_local`` (a token sees its own scale only; what
 MindHier uses) and ``block_causal`` (its own and all earlier scales; VAR / Switti-AR).
-Guidance: scale i cross-attends only to segment ``schedule.segment_of_scale[i]`` of the deep-first
-context [e_M, ..., e_1]; the start token and the AdaLN condition come from the pooled terminal feature.
+Guidance: each token cross-attends only to segment ``schedule.segment_of_token[t]`` of the deep-first context
+[e_M, ..., e_1]; with the default ``training`` context map that is ``segment_of_scale[i]`` for every token of
+scale i, and a step reads the K/V of that one segment. With ``reference-pipeline`` (MindHier's reference
+inference, ``schedule.py``) the tokens of one scale can read several segments: the step then reads the whole
+context K/V under a per-token mask (dense rows of the cross mask for SDPA, runs of tokens as ranges for the
+block-sparse kernel; ``cross_inputs``). The start token and the AdaLN condition come from the pooled feature.
 
 Blocks and conditions (``cfg.generator.block`` / ``.condition``): ``switti`` blocks with an fMRI condition
 (the pooled feature through ``fmri_pooler``, plus the cross-attention context; 2D RoPE) or ``var`` blocks
@@ -252,24 +256,43 @@ class ScaleGenerator(nn.Module):
         cross_kv: list[tuple[Tensor, Tensor]] | None,
         caches: list | None = None,
         offset: int = 0,
+        cross_mask: Tensor | RangeMask | None = None,
     ) -> Tensor:
         """All blocks and the head on one scale's embedded tokens -> logits [B, l, V].
 
         ``cos_lc`` / ``sin_lc`` are None for blocks without RoPE (VAR); ``cross_kv`` (None without
-        cross-attention) holds each layer's K/V of this scale's context segment; ``caches`` (block-causal)
+        cross-attention) holds each layer's K/V of this scale's context segment, or of the whole context with
+        ``cross_mask`` saying which keys each token reads (``cross_inputs``); ``caches`` (block-causal)
         are objects with ``update(offset, k, v) -> (k_all, v_all)``: the preallocated ``SelfKVCache`` in
         eager decoding, a past/present concatenation in exported graphs.
         """
         for j, block in enumerate(self.blocks):
             k, v = (None, None) if cross_kv is None else cross_kv[j]
             cache = None if caches is None else caches[j]
-            h_BlC = block(h_BlC, ada_blocks[j], cos_lc, sin_lc, k, v, cache=cache, offset=offset)
+            h_BlC = block(h_BlC, ada_blocks[j], cos_lc, sin_lc, k, v, cross_mask=cross_mask, cache=cache, offset=offset)
         return self._logits(h_BlC, ada_head_B2C)
+
+    def cross_inputs(
+        self, i: int, ctx_kv: list[tuple[Tensor, Tensor]] | None
+    ) -> tuple[list[tuple[Tensor, Tensor]] | None, RangeMask | None]:
+        """The cross-attention K/V and mask of decode step i from the scan's context K/V [B, H, S, c] per layer.
+
+        A scale whose tokens all read one segment gets that segment's K/V (views) and no mask; otherwise the
+        whole context's K/V and the step's per-token mask (rows of ``cross_mask_LS``, a view on the module's
+        device, and ``schedule.step_cross_ranges(i)``).
+        """
+        if ctx_kv is None:
+            return None, None
+        sched = self.schedule
+        if len(sched.cross_runs[i]) == 1:
+            ctx = sched.context_slice(i)
+            return [(k[:, :, ctx], v[:, :, ctx]) for k, v in ctx_kv], None
+        return ctx_kv, RangeMask(self.cross_mask_LS[sched.scale_slice(i)], sched.step_cross_ranges(i))
 
     def step(self, i: int, state: ScanState, x_BlE: Tensor | None = None) -> Tensor:
         """Logits [B, n_i, V] of scale i. ``x_BlE`` is the next-scale input from the VQ-VAE (None at i = 0)."""
         sched = self.schedule
-        ctx = sched.context_slice(i)
+        cross_kv, cross_mask = self.cross_inputs(i, state.ctx_kv)
         cos_lc, sin_lc = self.rope(i)
         return self.blocks_step(
             self.embed_scale(i, x_BlE, state.start_B1C),
@@ -277,7 +300,8 @@ class ScaleGenerator(nn.Module):
             sin_lc,
             state.ada_blocks,
             state.ada_head_B2C,
-            None if state.ctx_kv is None else [(k[:, :, ctx], v[:, :, ctx]) for k, v in state.ctx_kv],
+            cross_kv,
             state.self_kv,
             sched.offsets[i],
+            cross_mask,
         )

@@ -83,6 +83,19 @@ class MindHier:
                 load_part(getattr(models, name), ckpt, name)
         return models.eval()
 
+    def with_context_map(self, context_map: str) -> MindHier:
+        """The same weights under another context map (``schedule.py``): a new generator (its masks are derived
+        from the config), the encoder and VQ-VAE shared with this object."""
+        cfg = self.cfg.replace(context_map=context_map)
+        if cfg.context_map == self.cfg.context_map:
+            return self
+        param = next(self.generator.parameters())
+        with torch.device(param.device):
+            generator = ScaleGenerator(cfg).to(param.dtype)
+        generator.load_state_dict(self.generator.state_dict())
+        generator.train(self.generator.training)
+        return MindHier(cfg, self.encoder, generator, self.vqvae)
+
     def modules(self) -> dict[str, nn.Module]:
         """The models this setup has, by part name (no encoder for class-conditional models)."""
         return {name: getattr(self, name) for name in PARTS if getattr(self, name) is not None}

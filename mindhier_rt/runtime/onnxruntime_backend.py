@@ -51,7 +51,8 @@ class OrtState:
     start: np.ndarray  # [B, 1, C]
     ada_blocks: np.ndarray  # [depth, B, 6, C]
     ada_head: np.ndarray  # [B, 2, C]
-    cross: list[np.ndarray]  # 2 * depth arrays [M, B, H, T, c] (key, value per layer); empty for VAR blocks
+    # 2 * depth arrays [M, B, H, T, c] (key, value per layer; per-token context map: [B, H, M*T, c]); empty for VAR
+    cross: list[np.ndarray]
     past: list[np.ndarray] | None  # block-causal: 2 * depth arrays [B, H, past, c]
 
 
@@ -126,6 +127,17 @@ class OnnxRuntimeBackend:
             self.rope_sin = self.bundle.load_table("rope_sin").astype(self.dtype)
         self.block_causal = self.cfg.generator.attn_mode == "block_causal"
         g = self.cfg.generator
+        # per-token context map (reference-pipeline): each step reads the whole context and its tokens' segments
+        self.cross_segment = None
+        if "cross_segment" in self.bundle.spec.tables:
+            table = self.bundle.load_table("cross_segment")
+            want = np.asarray(self.cfg.schedule.segment_of_token, dtype=np.int64)
+            if table.shape != want.shape or not np.array_equal(table, want):
+                raise BundleError(
+                    f"{self.bundle.root}: table cross_segment {table.dtype}{list(table.shape)} is not the context map "
+                    f"{self.cfg.context_map!r} of the config's schedule (int64[{want.size}])"
+                )
+            self.cross_segment = want
         self.class_condition = g.condition == "class"
         self._empty_past = (g.heads, g.head_dim)
 
@@ -198,11 +210,13 @@ class OnnxRuntimeBackend:
         return OrtState(start, ada_blocks, ada_head, cross, past)
 
     def select(self, state: OrtState, rows: slice) -> OrtState:
+        whole = self.cross_segment is not None
         return OrtState(
             start=state.start[rows],
             ada_blocks=state.ada_blocks[:, rows],
             ada_head=state.ada_head[rows],
-            cross=[np.ascontiguousarray(x[:, rows]) for x in state.cross],
+            # rows are axis 1 of the segment-major cache, axis 0 of the whole-context one
+            cross=[np.ascontiguousarray(x[rows] if whole else x[:, rows]) for x in state.cross],
             past=None if state.past is None else [p[rows] for p in state.past],
         )
 
@@ -213,10 +227,13 @@ class OnnxRuntimeBackend:
         feeds = {"h": h, "ada_blocks": state.ada_blocks, "ada_head": state.ada_head}
         if self.rope_cos is not None:
             feeds["rope.cos"], feeds["rope.sin"] = self.rope_cos[tokens], self.rope_sin[tokens]
+        per_token = self.cross_segment is not None
+        if per_token and state.cross:
+            feeds["cross.segment"] = self.cross_segment[tokens]
         for j in range(self.cfg.generator.depth):
             if state.cross:
-                feeds[f"cross.{j}.key"] = state.cross[2 * j][segment]
-                feeds[f"cross.{j}.value"] = state.cross[2 * j + 1][segment]
+                feeds[f"cross.{j}.key"] = state.cross[2 * j] if per_token else state.cross[2 * j][segment]
+                feeds[f"cross.{j}.value"] = state.cross[2 * j + 1] if per_token else state.cross[2 * j + 1][segment]
             if state.past is not None:
                 feeds[f"past_key_values.{j}.key"] = state.past[2 * j]
                 feeds[f"past_key_values.{j}.value"] = state.past[2 * j + 1]

@@ -16,12 +16,16 @@ def open_backend(
     backend: str | None = None,
     device: str = "cpu",
     vae: Path | None = None,
+    context_map: str | None = None,
 ) -> DecodeBackend:
     """The backend that runs a checkpoint (``ckpt``, + ``vae`` for public generators: torch or torch-fast) or an
     engine bundle (``engine``: onnxruntime or tensorrt); ``backend`` None picks torch or onnxruntime. Used by
-    ``decode``, ``profile`` and ``serve``."""
+    ``decode``, ``profile`` and ``serve``. ``context_map`` overrides a checkpoint's context map (a bundle's is
+    fixed at export: re-export it with ``--context-map``)."""
     if (ckpt is None) == (engine is None):
         raise InputError("give exactly one of --ckpt CKPT (PyTorch reference) or --engine BUNDLE (exported graphs)")
+    if engine is not None and context_map is not None:
+        raise InputError("--context-map applies to --ckpt; a bundle's map is fixed at export (export --context-map)")
     backend = backend or ("torch" if ckpt is not None else "onnxruntime")
     if backend == "torch":
         if ckpt is None:
@@ -29,14 +33,14 @@ def open_backend(
         from mindhier_rt.importers import load_models
         from mindhier_rt.runtime.torch_backend import TorchBackend
 
-        return TorchBackend(load_models(ckpt, vae, device=device), device=device)
+        return TorchBackend(load_models(ckpt, vae, device=device, context_map=context_map), device=device)
     if backend == "torch-fast":
         if ckpt is None:
             raise InputError("--backend torch-fast runs a checkpoint: pass --ckpt instead of --engine")
         from mindhier_rt.importers import load_models
         from mindhier_rt.runtime.torch_fast import FastTorchBackend
 
-        return FastTorchBackend(load_models(ckpt, vae), device=device)
+        return FastTorchBackend(load_models(ckpt, vae, context_map=context_map), device=device)
     if backend == "onnxruntime":
         if engine is None:
             raise InputError("--backend onnxruntime runs a bundle: export one and pass --engine BUNDLE")

@@ -510,6 +510,12 @@ class TensorRTBackend:
                 data = rows[first : first + count].contiguous().view(torch.uint8).numpy().reshape(-1)
                 image[offset : offset + data.size] = data
             self.memory.upload(self.buffers[buffer], image)
+        if "table.cross_segment" in self.buffers:  # the per-token context map (reference-pipeline)
+            segment = self.bundle.load_table("cross_segment").astype(np.int64)
+            image = np.zeros(self.plan.buffers["table.cross_segment"], np.uint8)
+            for first, count, offset in self.plan.segment_layout:
+                image[offset : offset + count * 8] = segment[first : first + count].view(np.uint8)
+            self.memory.upload(self.buffers["table.cross_segment"], image)
         if self.plan.write_indices_stride is not None:
             stride, rows = self.plan.write_indices_stride, self.plan.rows.rows
             image = np.zeros(self.plan.buffers["table.write_indices"], np.uint8)

@@ -127,7 +127,7 @@ class StaticScan:
     # ---- one scale ---------------------------------------------------------------------------------
     def _body(self, i: int) -> Tensor:
         gen, sched = self.gen, self.gen.schedule
-        ctx = sched.context_slice(i)
+        cross_kv, cross_mask = gen.cross_inputs(i, self.ctx_kv)
         cos_lc, sin_lc = gen.rope(i)
         with attention_mode(self.attention), fused_norms(self.fused):
             return gen.blocks_step(
@@ -136,9 +136,10 @@ class StaticScan:
                 sin_lc,
                 self.ada_blocks,
                 self.ada_head_B2C,
-                None if self.ctx_kv is None else [(k[:, :, ctx], v[:, :, ctx]) for k, v in self.ctx_kv],
+                cross_kv,
                 self.self_kv,
                 sched.offsets[i],
+                cross_mask,
             )
 
     def _capture(self, i: int) -> None:

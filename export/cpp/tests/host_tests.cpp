@@ -317,7 +317,8 @@ static void test_manifest() {
   const std::string text = read_text(g_fixtures / "manifest_block_causal.json");
   const fs::path dir = fixture_bundle("manifest", text);
   const mh::Manifest m = mh::load_manifest(dir);
-  CHECK_EQ(m.format_version, int64_t(2));
+  CHECK_EQ(m.format_version, int64_t(3));
+  CHECK_EQ(m.context_map, std::string("training"));
   CHECK_EQ(m.model.name, std::string("tiny"));
   CHECK_EQ(m.model.attn_mode, std::string("block_causal"));
   CHECK_EQ(m.model.vocab_size, int64_t(64));
@@ -355,9 +356,12 @@ static void test_manifest() {
   CHECK_THROWS(mh::verify_files(m), "file context.onnx was altered (checksum mismatch)");
   fs::remove(dir / "context.onnx");
   CHECK_THROWS(mh::verify_files(m), "file context.onnx listed in the manifest is missing");
-  const std::string v3 = replace_once(text, "\"format_version\": 2", "\"format_version\": 3");
-  CHECK_THROWS(mh::load_manifest(fixture_bundle("v3", v3)),
-               "bundle format version 3 is not supported (this host reads version 2)");
+  const std::string v4 = replace_once(text, "\"format_version\": 3", "\"format_version\": 4");
+  CHECK_THROWS(mh::load_manifest(fixture_bundle("v4", v4)),
+               "bundle format version 4 is not supported (this host reads version 3)");
+  const std::string map = replace_once(text, "\"context_map\": \"training\"", "\"context_map\": \"inference\"");
+  CHECK_THROWS(mh::load_manifest(fixture_bundle("map", map)),
+               "context_map: expected \"training\" or \"reference-pipeline\", found \"inference\"");
   const std::string other = replace_once(text, "\"format\": \"mindhier-rt-bundle\"", "\"format\": \"other\"");
   CHECK_THROWS(mh::load_manifest(fixture_bundle("other", other)), "expected format \"mindhier-rt-bundle\"");
   const std::string offsets = replace_once(text, "\"total_tokens\": 30", "\"total_tokens\": 31");
