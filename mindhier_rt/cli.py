@@ -269,10 +269,11 @@ def decode(
     """
     from mindhier_rt.io import finite_rows, read_voxels
     from mindhier_rt.run_folder import claim_run_folder
-    from mindhier_rt.sampling import recorded_sampling, with_overrides
+    from mindhier_rt.sampling import SamplingConfig, recorded_sampling, with_overrides
 
     flags = {"seed": seed, "cfg_scale": cfg_scale, "cfg_stop": cfg_stop, "top_k": top_k, "top_p": top_p}
     flags["greedy"] = greedy
+    with_overrides(SamplingConfig(), **flags)  # bad values are refused before anything is opened or written
     if (fmri is None) == (not class_label) or (fmri is not None and subject is None):
         raise InputError("give --fmri VOXELS --subject S (fMRI models) or --class-label N (class-conditional models)")
     with claim_run_folder(out) as folder:  # refused at once if the folder is unusable or another run holds it
