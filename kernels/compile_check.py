@@ -199,9 +199,10 @@ def value_class_sweep(launches: list[Launch]) -> list[Launch]:
     """Variants of the launches in which each integer argument that takes different values across a kernel's
     launches (per scale, per batch) is set to each of ``SWEEP_VALUES`` in turn, the others as launched."""
     varying: dict[str, set[int]] = {}
+    first: dict[str, Launch] = {}
     for launch in launches:
-        first = next(x for x in launches if x.name == launch.name)
-        for i, (a, b) in enumerate(zip(first.args, launch.args, strict=True)):
+        base = first.setdefault(launch.name, launch)
+        for i, (a, b) in enumerate(zip(base.args, launch.args, strict=True)):
             if a != b and isinstance(a, int) and not isinstance(a, bool):
                 varying.setdefault(launch.name, set()).add(i)
     out: list[Launch] = []

@@ -1055,6 +1055,12 @@ def client(
     from mindhier_rt.run_folder import claim_run_folder
     from mindhier_rt.serve.client import RemoteDecoder, Settings
 
+    wanted = None
+    if previews is not None:
+        try:
+            wanted = [int(x) for x in previews.split(",") if x.strip()]
+        except ValueError as e:
+            raise InputError(f"--previews takes scale indices like 2,5; got {previews!r}") from e
     voxels = read_voxels(fmri, key=key)
     settings = Settings(samples, seed, cfg_scale, cfg_stop, top_k, top_p, greedy)
     remote = RemoteDecoder(url, protocol, concurrency)
@@ -1080,12 +1086,11 @@ def client(
                 if not suffix:
                     written.append({"scan": int(scan), "sample": s, "file": name})
 
-        if previews is None:
+        if wanted is None:
             images, _ = remote.decode(voxels[ids].astype(np.float32), subject, ids.astype(np.int64), settings)
             for row, scan in enumerate(ids):
                 write(int(scan), images[row])
         else:
-            wanted = [int(x) for x in previews.split(",") if x.strip()]
             for scan in ids:
                 one = voxels[scan : scan + 1].astype(np.float32)
                 for scale, images, tokens in remote.stream(one, subject, int(scan), settings, wanted):

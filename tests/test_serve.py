@@ -5,6 +5,7 @@ answering malformed requests on their own, exporting metrics, and finishing requ
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 import urllib.request
@@ -56,7 +57,7 @@ def voxels(n: int, seed: int = 0, count: int = 96) -> np.ndarray:
         (request_inputs(voxels(1), samples=np.int32(17)), "1 to 16 per scan"),
         ({**request_inputs(voxels(1)), "voxels": voxels(1).astype(np.float64)}, "expected float32"),
         ({**request_inputs(voxels(1)), "colour": np.zeros((1, 1))}, "unknown inputs ['colour']"),
-        (request_inputs(voxels(1), cfg=np.float32(np.inf)), "guidance scale"),
+        (request_inputs(voxels(1), cfg=np.float32(np.inf)), "cfg_scale must be a finite float"),
         (request_inputs(voxels(1), top_p=np.float32(1.5)), "top_p"),
         ({"subject": request_inputs(voxels(1))["subject"]}, "voxels is required"),
     ],
@@ -134,6 +135,13 @@ def test_repository_configs(tmp_path, bundle):
     assert SamplingConfig.from_dict(json.loads(defaults)) == SamplingConfig.from_dict(bundle.manifest["sampling"])
     with pytest.raises(InputError, match="not an empty folder"):
         write_repository(spec, repo, copy=True)
+    # only what the manifest lists is copied: an unlisted file or a link out of the bundle stays behind
+    source = tmp_path / "source"
+    shutil.copytree(bundle.root, source)
+    (source / "notes.txt").write_text("not part of the bundle")
+    (source / "leak").symlink_to("/etc/hostname")
+    copied = write_repository(RepositorySpec(engine=source), tmp_path / "repo2", copy=True) / MODEL / "bundle"
+    assert sorted(p.name for p in copied.iterdir()) == sorted([*bundle.spec.files, "manifest.json"])
     cpu = model_config(MODEL, RepositorySpec(engine=bundle.root), {"engine": "x"}, progressive=False)
     assert "kind: KIND_CPU" in cpu and "gpus" not in cpu
 
@@ -318,3 +326,17 @@ def test_load_test_passes_on_the_tiny_bundle(bundle, tmp_path):
     assert module.main(argv) == 0
     result = json.loads((tmp_path / "load.json").read_text())
     assert result["counts"]["ok"] == 32 and result["counts"]["bad_refused"] == 8
+
+
+def test_client_errors_are_one_line(cli, tmp_path):
+    """An unreachable server and a malformed --previews end in one error line, nothing written."""
+    pytest.importorskip("tritonclient.http")
+    from mindhier_rt.serve.server import free_port
+
+    np.save(tmp_path / "scans.npy", voxels(1))
+    common = ["--fmri", tmp_path / "scans.npy", "--subject", "subj01", "--out", tmp_path / "out"]
+    code, _, err = cli("client", "--url", f"127.0.0.1:{free_port()}", *common)
+    assert code == 1 and err.strip().startswith("error: cannot reach a server") and len(err.strip().splitlines()) == 1
+    code, _, err = cli("client", "--url", "127.0.0.1:1", "--protocol", "grpc", "--previews", "a,b", *common)
+    assert code == 1 and "--previews takes scale indices" in err
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ from mindhier_rt.bundle.files import FileEntry, check_name, hash_file, open_regu
 from mindhier_rt.bundle.manifest import GraphSpec, Manifest, parse_manifest
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.errors import BundleError, InputError
+from mindhier_rt.io import atomic_path, write_json
 
 MANIFEST = "manifest.json"
 MANIFEST_MAX_BYTES = 64 << 20
@@ -70,6 +71,17 @@ class Bundle:
         """Hash every listed file (inside the folder, regular, the recorded size and SHA-256)."""
         for rel, entry in self.spec.files.items():
             hash_file(self.root, rel, entry)
+
+    def copy_to(self, dest: Path) -> Bundle:
+        """Copy the bundle into the new folder ``dest``: the manifest and the listed files only, each checked as it
+        is copied (streamed: memory holds a chunk, not a file); returns the copy, opened and verified."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=False)
+        for rel, entry in self.spec.files.items():
+            with atomic_path(dest / rel) as tmp, open(tmp, "wb") as sink:
+                hash_file(self.root, rel, entry, sink)
+        write_json(dest / MANIFEST, self.manifest)
+        return Bundle.open(dest)
 
     def entry(self, rel: str) -> FileEntry:
         check_name(rel, f"{self.root}: file name")

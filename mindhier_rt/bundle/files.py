@@ -14,6 +14,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from mindhier_rt.errors import BundleError
 
@@ -106,8 +107,9 @@ def _mismatch(root: Path, rel: str, entry: FileEntry, size: int, digest: str | N
     )
 
 
-def hash_file(root: Path, rel: str, entry: FileEntry) -> None:
-    """Stream ``rel`` through SHA-256 and compare it with ``entry``; BundleError on any difference."""
+def hash_file(root: Path, rel: str, entry: FileEntry, sink: BinaryIO | None = None) -> None:
+    """Stream ``rel`` through SHA-256 (and into ``sink``, when given) and compare it with ``entry``; BundleError on
+    any difference. A copy made through ``sink`` is good only when this returns."""
     with os.fdopen(open_regular(root, rel), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size != entry.bytes:
@@ -117,6 +119,8 @@ def hash_file(root: Path, rel: str, entry: FileEntry) -> None:
         for chunk in iter(lambda: f.read(CHUNK), b""):
             h.update(chunk)
             size += len(chunk)
+            if sink is not None:
+                sink.write(chunk)
     if size != entry.bytes or h.hexdigest() != entry.sha256:
         raise _mismatch(root, rel, entry, size, h.hexdigest())
 

@@ -11,8 +11,9 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
 - Attention inside the graphs goes through the block-sparse Triton kernel
   (``mindhier_rt.kernels.scale_attention``) in half precision when Triton is available, else SDPA. In float32
   the default is SDPA, as in the eager backend: the kernel's float32 dots are exact (no TF32, so that the tokens
-  equal eager's) and without tensor cores it is slower than SDPA (the H200 run of issue 14: fast float32
-  1,920 ms against eager float32 1,079 ms for mindhier-512 with the kernel).
+  equal eager's), so they run without tensor cores. The H200 run of issue 14 measured the fast path with the
+  kernel at 1,920 ms against eager's 1,079 ms in float32 (mindhier-512); that the kernel is the cause is not
+  measured yet: ``benchmarks/gpu_bench.py`` times float32 fast (SDPA) against eager.
 - The elementwise chains between a block's matmuls (sandwich RMSNorms, AdaLN modulation, residual adds,
   SwiGLU's gate, q/k LayerNorm + rotation + cache write) run as six fused Triton kernels per block
   (``mindhier_rt.kernels.fused_norm``, ``models.blocks.fused_norms``) instead of about 75 small PyTorch
@@ -259,8 +260,8 @@ class FastTorchBackend(TorchBackend):
             raise ConfigError("CUDA graphs need a CUDA device")
         self.cuda_graphs = cuda if cuda_graphs is None else cuda_graphs
         if attention is None:
-            # The kernel's worth is tensor cores in half precision. In float32 it has to compute exact float32
-            # dots (ieee, no TF32) to keep the eager tokens, which is slower than SDPA's float32 kernels.
+            # The kernel's worth is tensor cores in half precision; in float32 it computes exact float32 dots
+            # (ieee, no TF32) to keep the eager tokens, without tensor cores (see the module docstring).
             attention = "triton" if cuda and dtype != "float32" and _has_triton() else "sdpa"
         if attention == "triton" and not _has_triton():
             raise ConfigError("attention='triton' needs Triton: pip install triton (CUDA builds of torch bring it)")

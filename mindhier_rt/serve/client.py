@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mindhier_rt.errors import BackendError, InputError, MissingDependencyError
+from mindhier_rt.sampling import SamplingConfig, with_overrides
 from mindhier_rt.serve.repository import MODEL, PROGRESSIVE_MODEL
 from mindhier_rt.serve.server import INSTALL_HINT
 
@@ -92,13 +93,16 @@ class RemoteDecoder:
         """The ``mindhier`` model's config parameters (what it serves, its limits, its sampling defaults)."""
         from tritonclient.utils import InferenceServerException
 
-        client = self._client()
         try:
-            config = client.get_model_config(MODEL)
+            client = self._client()
+            try:
+                config = client.get_model_config(MODEL)
+            finally:
+                client.close()
         except InferenceServerException as e:
             raise BackendError(f"no mindhier model at {self.url} ({self.protocol}): {e.message()}") from e
-        finally:
-            client.close()
+        except Exception as e:  # refused connection, bad address: the transports raise their own types
+            raise BackendError(f"cannot reach a server at {self.url} ({self.protocol}): {type(e).__name__}: {e}") from e
         if not isinstance(config, dict):  # gRPC: a protobuf message
             from google.protobuf.json_format import MessageToDict
 
@@ -107,13 +111,11 @@ class RemoteDecoder:
 
     def sampling_used(self, s: Settings) -> dict:
         """The sampling settings a request with ``s`` is decoded with: ``s`` over the server's defaults."""
-        settings = json.loads(self.server_parameters().get("sampling_defaults", "{}"))
-        sent = {"seed": s.seed, "cfg_scale": s.cfg, "cfg_stop": s.cfg_stop, "top_k": s.top_k, "top_p": s.top_p,
-                "greedy": s.greedy}  # fmt: skip
-        settings.update({k: v for k, v in sent.items() if v is not None})
-        if s.cfg_stop is not None and s.cfg_stop < 0:
-            settings["cfg_stop"] = None
-        return settings
+        defaults = SamplingConfig.from_dict(json.loads(self.server_parameters().get("sampling_defaults") or "{}"))
+        sampling, _ = with_overrides(
+            defaults, seed=s.seed, cfg_scale=s.cfg, cfg_stop=s.cfg_stop, top_k=s.top_k, top_p=s.top_p, greedy=s.greedy
+        )
+        return sampling.to_dict()
 
     def decode_one(self, client, voxels_NV: np.ndarray, subject: str, scan_ids: np.ndarray, s: Settings):
         """One request: (images uint8 [N, samples, H, W, 3], tokens int64 [N, samples, L])."""

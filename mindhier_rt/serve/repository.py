@@ -118,8 +118,7 @@ def write_repository(spec: RepositorySpec, out: Path, copy: bool) -> Path:
         bundle = Bundle.open(spec.engine)  # verified: a broken bundle is refused before anything is written
         sampling_defaults = bundle.spec.sampling
         if copy:  # inside a model's folder: Triton takes every top-level folder of a repository for a model
-            shutil.copytree(bundle.root, out / MODEL / "bundle")
-            Bundle.open(out / MODEL / "bundle")
+            bundle.copy_to(out / MODEL / "bundle")  # the listed files only, checked as they are copied
         source = {"engine": f"{MODEL}/bundle" if copy else str(Path(spec.engine).resolve())}
     else:
         sampling_defaults = SamplingConfig()

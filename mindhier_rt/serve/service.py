@@ -14,7 +14,6 @@ Knows nothing of Triton: ``mindhier_rt.serve.triton_model`` feeds it Triton's re
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ from mindhier_rt.errors import ConfigError, InputError
 from mindhier_rt.io import to_uint8_hwc
 from mindhier_rt.pipeline import reconstruct
 from mindhier_rt.runtime.base import DecodeBackend
-from mindhier_rt.sampling import SamplingConfig
+from mindhier_rt.sampling import SamplingConfig, with_overrides
 
 # name -> (Triton data type, dims without the batch axis, optional); the settings are one value per request
 INPUTS: dict[str, tuple[str, list[int], bool]] = {
@@ -151,21 +150,16 @@ def parse_request(
     samples = 1 if samples is None else int(samples)
     if not 1 <= samples <= limits.max_samples:
         raise InputError(f"input samples: 1 to {limits.max_samples} per scan, got {samples}")
-    settings = defaults.to_dict()
-    for name, key in (("seed", "seed"), ("cfg", "cfg_scale"), ("top_k", "top_k"), ("top_p", "top_p")):
+
+    def given(name: str, cast: type) -> object | None:
         value = _one_value(inputs, name, n)
-        if value is not None:
-            settings[key] = value
-    if (value := _one_value(inputs, "cfg_stop", n)) is not None:
-        settings["cfg_stop"] = None if int(value) < 0 else int(value)
-    if (value := _one_value(inputs, "greedy", n)) is not None:
-        settings["greedy"] = bool(value)
-    cfg_scale = float(settings["cfg_scale"])
-    if not math.isfinite(cfg_scale) or not 0.0 <= cfg_scale <= 1e4:
-        raise InputError(f"input cfg: a guidance scale in [0, 10000], got {cfg_scale}")
-    settings["seed"], settings["top_k"] = int(settings["seed"]), int(settings["top_k"])
-    try:
-        sampling = SamplingConfig(**settings)
+        return None if value is None else cast(value)
+
+    try:  # the request's settings over the defaults; SamplingConfig checks every value (cfg_stop < 0: never)
+        sampling, _ = with_overrides(
+            defaults, seed=given("seed", int), cfg_scale=given("cfg", float), cfg_stop=given("cfg_stop", int),
+            top_k=given("top_k", int), top_p=given("top_p", float), greedy=given("greedy", bool),
+        )  # fmt: skip
     except ConfigError as e:
         raise InputError(f"sampling settings: {e}") from e
 
