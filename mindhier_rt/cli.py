@@ -924,9 +924,12 @@ def _gpu_ids(gpus: str | None, device: str) -> tuple[int, ...]:
             return tuple(int(g) for g in gpus.split(","))
         except ValueError as e:
             raise InputError(f"--gpus takes GPU ids like 0,1; got {gpus!r}") from e
-    if device.startswith("cuda"):
-        return (int(device.split(":")[1]),) if ":" in device else (0,)
-    return ()
+    kind, _, index = device.partition(":")
+    if device == "cpu":
+        return ()
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InputError(f"--device takes cpu, cuda or cuda:N; got {device!r}")
+    return (int(index) if index else 0,)
 
 
 def _repository_spec(engine, ckpt, backend, device, gpus, max_batch, instances, max_samples):

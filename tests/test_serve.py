@@ -340,3 +340,9 @@ def test_client_errors_are_one_line(cli, tmp_path):
     code, _, err = cli("client", "--url", "127.0.0.1:1", "--protocol", "grpc", "--previews", "a,b", *common)
     assert code == 1 and "--previews takes scale indices" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_serve_refuses_a_device_it_cannot_place_instances_on(cli, bundle):
+    for device in ("gpu", "cuda:x"):
+        code, _, err = cli("serve", "--engine", bundle.root, "--device", device)
+        assert code == 1 and "--device takes cpu, cuda or cuda:N" in err
