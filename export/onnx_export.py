@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from mindhier_rt.bundle import Bundle, staged_bundle, write_manifest
 from mindhier_rt.errors import BackendError, ConfigError
+from mindhier_rt.execution import exporting
 from mindhier_rt.export.checks import check_graph
 from mindhier_rt.export.graphs import ContextGraph, DecoderGraph, EncoderGraph, StepGraph, UpdateGraph
-from mindhier_rt.models.attention import explicit_attention
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.sampling import SamplingConfig
 
@@ -237,7 +237,7 @@ def _export_one(spec: GraphExport, path: Path) -> dict[str, Any]:
     weight_bytes = sum(t.numel() * t.element_size() for t in spec.module.state_dict().values())
     with (
         torch.no_grad(),
-        explicit_attention(),
+        exporting(),
         contextlib.redirect_stdout(io.StringIO()),
         warnings.catch_warnings(),
     ):

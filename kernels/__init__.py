@@ -1,5 +1,5 @@
 """Triton kernels and their pure-PyTorch references (imported as mindhier_rt.kernels): scale-masked attention
-(``scale_attention``), the Switti block's fused norm chains (``fused_norm``) and the token draw (``sampling``)."""
+(``scale_attention``), the Switti block's fused norm chains (``fused_norm``) and the token draw (``token_draw``)."""
 
 from __future__ import annotations
 

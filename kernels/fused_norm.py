@@ -17,9 +17,9 @@ row-wise norm chains, SwiGLU's gate and self-attention's prologue, six kernels h
                  cache, offset)                     the rotation, k and v written into the cache at offset
 
 ``scale``, ``shift`` and ``gate`` are per batch row, [B, 1, C] (AdaLN vectors); x and h are [B, l, C]. The
-``*_ref`` functions are the model's own PyTorch code (``models.blocks.rms_norm_modulate_eager``,
-``residual_rms_norm_eager``, ``qk_heads``), which is what the block runs when fusion is off;
-``models.blocks.fused_norms`` switches the block to these kernels, as the fast backend does on CUDA.
+``*_ref`` functions are the model's own PyTorch code (``models.elementwise.rms_norm_modulate_eager``,
+``residual_rms_norm_eager``, ``qk_heads``), which is what the block runs when fusion is off; the execution option
+``fused_norms`` (``mindhier_rt.execution``) switches the block to these kernels, as the fast backend does on CUDA.
 
 Numerics: the kernels compute in float32 and round once to the input dtype at each output. The references
 round the way the eager model does (the RMSNorm output is cast back to the input dtype before modulation),
@@ -39,7 +39,7 @@ from torch import Tensor
 
 from mindhier_rt.errors import ConfigError
 from mindhier_rt.kernels import import_triton, require_runnable
-from mindhier_rt.models.blocks import qk_heads, residual_rms_norm_eager, rms_norm_modulate_eager
+from mindhier_rt.models.elementwise import qk_heads, residual_rms_norm_eager, rms_norm_modulate_eager
 
 triton, tl, HAS_TRITON, _TRITON_MISSING = import_triton()  # optional: reported when a kernel is used
 
@@ -181,7 +181,7 @@ def qk_norm_rope_ref(
     cache: tuple[Tensor, Tensor] | None = None,
     offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``models.blocks.qk_heads``; with ``cache`` (the K and V buffers [B, H, L, c] of a ``SelfKVCache``) k and v
+    """``models.elementwise.qk_heads``; with ``cache`` (the K and V buffers [B, H, L, c] of a ``SelfKVCache``) k and v
     are written at ``offset`` and the returned k, v are the buffers up to and including this scale."""
     q, k, v = qk_heads(qkv_Bl3C, cos_lc, sin_lc, heads, eps)
     if cache is None:

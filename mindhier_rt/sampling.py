@@ -5,7 +5,8 @@ tokens, so the draw does not use torch's RNG. Each token position gets its own u
 counter-based hash of (seed, scan, sample, scale, token) that any language reproduces with 32-bit
 unsigned arithmetic, and the selection rule (stable descending order, top-k, float64 softmax, top-p
 prefix, inverse CDF) is fixed exactly. ``docs/sampling.md`` is the full specification, with reference
-values.
+values. The hash and the inverse-CDF pick live in ``mindhier_rt.seeded_draw`` (shared with the Triton draw
+kernel, ``mindhier_rt.kernels.token_draw``); this module re-exports them.
 
 Rows of a batch are (scan, sample) pairs whose ids come from the caller, so how rows are batched never
 changes the tokens drawn for a row.
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +23,17 @@ from typing import Any
 import torch
 
 from mindhier_rt.errors import ConfigError
+from mindhier_rt.seeded_draw import (
+    U_SCALE,
+    check_word,
+    draw_from_sorted,
+    hash_grid,
+    hash_key,
+    ids_tensor,
+    is_int,
+    seed_hash,
+    uniforms,
+)
 
 __all__ = [
     "SamplingConfig",
@@ -37,11 +48,6 @@ __all__ = [
     "uniforms",
 ]
 
-MASK32 = 0xFFFFFFFF
-HASH_IV = 0x243F6A88  # first 32 bits of the fractional part of pi
-FMIX_C1 = 0x85EBCA6B  # MurmurHash3 fmix32 constants
-FMIX_C2 = 0xC2B2AE35
-U_SCALE = 2.0**-32  # u = h * 2**-32: exact in float64, 0 <= u <= 1 - 2**-32
 CFG_SCALE_MAX = 1000.0  # far above useful guidance (papers use up to ~10-20); finite in float32 / float16 math
 
 
@@ -65,9 +71,9 @@ class SamplingConfig:
                 f"cfg_scale must be a finite float in [0, {CFG_SCALE_MAX:g}] (0 = no guidance), got {self.cfg_scale!r}"
             )
         object.__setattr__(self, "cfg_scale", cfg_scale)
-        if self.cfg_stop is not None and not (_is_int(self.cfg_stop) and self.cfg_stop >= 0):
+        if self.cfg_stop is not None and not (is_int(self.cfg_stop) and self.cfg_stop >= 0):
             raise ConfigError(f"cfg_stop must be None or an int >= 0 (a 0-indexed scale), got {self.cfg_stop!r}")
-        if not (_is_int(self.top_k) and self.top_k >= 0):
+        if not (is_int(self.top_k) and self.top_k >= 0):
             raise ConfigError(f"top_k must be an int >= 0 (0 = no top-k), got {self.top_k!r}")
         top_p = _as_float("top_p", self.top_p)
         if not 0.0 < top_p <= 1.0:  # also rejects NaN
@@ -75,7 +81,7 @@ class SamplingConfig:
         object.__setattr__(self, "top_p", top_p)
         if not isinstance(self.greedy, bool):
             raise ConfigError(f"greedy must be a bool, got {self.greedy!r}")
-        if not (_is_int(self.seed) and 0 <= self.seed < 2**64):
+        if not (is_int(self.seed) and 0 <= self.seed < 2**64):
             raise ConfigError(f"seed must be an int with 0 <= seed < 2**64, got {self.seed!r}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,13 +115,9 @@ def with_overrides(base: SamplingConfig, **overrides: object) -> tuple[SamplingC
             raise ConfigError(f"unknown sampling setting {name!r}; expected one of {sorted(fields)}")
         if value is None:
             continue
-        fields[name] = None if name == "cfg_stop" and _is_int(value) and value < 0 else value
+        fields[name] = None if name == "cfg_stop" and is_int(value) and value < 0 else value
         source[name] = "flag"
     return SamplingConfig(**fields), source
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _as_float(name: str, x: object) -> float:
@@ -137,9 +139,9 @@ def guidance_weight(scfg: SamplingConfig, scale: int, n_scales: int) -> float:
     t_0 = 0 and t_{K-1} = cfg_scale. Scale 0 still counts as guided for ``guidance_active`` (its
     unconditional pass runs, e.g. to fill the unconditional KV cache), it just gets weight 0.
     """
-    if not (_is_int(n_scales) and n_scales >= 2):
+    if not (is_int(n_scales) and n_scales >= 2):
         raise ConfigError(f"n_scales must be an int >= 2, got {n_scales!r}")
-    if not (_is_int(scale) and 0 <= scale < n_scales):
+    if not (is_int(scale) and 0 <= scale < n_scales):
         raise ConfigError(f"scale must be an int in 0..{n_scales - 1}, got {scale!r}")
     if not guidance_active(scfg, scale):
         return 0.0
@@ -159,116 +161,6 @@ def cfg_combine(cond_NlV: torch.Tensor, uncond_NlV: torch.Tensor, t: float) -> t
     w_cond = torch.full((), 1.0 + t, dtype=torch.float32, device=cond_NlV.device)
     w_uncond = torch.full((), t, dtype=torch.float32, device=cond_NlV.device)
     return cond_NlV.float() * w_cond - uncond_NlV.float() * w_uncond
-
-
-# ---- counter-based random stream ------------------------------------------------------------------
-def _fmix32_int(x: int) -> int:
-    """MurmurHash3's 32-bit finaliser on a Python int in [0, 2**32)."""
-    x ^= x >> 16
-    x = (x * FMIX_C1) & MASK32
-    x ^= x >> 13
-    x = (x * FMIX_C2) & MASK32
-    x ^= x >> 16
-    return x
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32) without int64 overflow: x split into 16-bit halves."""
-    lo = x & 0xFFFF
-    hi = x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & MASK32  # lo * c < 2**48, sum < 2**49
-
-
-def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """fmix32 elementwise on an int64 tensor holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, FMIX_C1)
-    x = x ^ (x >> 13)
-    x = _mul32(x, FMIX_C2)
-    return x ^ (x >> 16)
-
-
-def hash_key(seed: int, scan: int, sample: int, scale: int, token: int) -> int:
-    """The 32-bit hash h of one key, in plain Python ints (reference for one position)."""
-    _check_seed(seed)
-    h = HASH_IV
-    for name, w in (("scan", scan), ("sample", sample), ("scale", scale), ("token", token)):
-        _check_word(name, w)
-    for w in (seed & MASK32, seed >> 32, scan, sample, scale, token):
-        h = _fmix32_int(h ^ w)
-    return h
-
-
-def _check_seed(seed: int) -> None:
-    if not (_is_int(seed) and 0 <= seed < 2**64):
-        raise ConfigError(f"seed must be an int with 0 <= seed < 2**64, got {seed!r}")
-
-
-def _check_word(name: str, w: object) -> None:
-    if not (_is_int(w) and 0 <= w <= MASK32):
-        raise ConfigError(f"{name} must be an int with 0 <= {name} < 2**32, got {w!r}")
-
-
-def _ids_tensor(name: str, ids: torch.Tensor | Sequence[int], device: torch.device | None) -> torch.Tensor:
-    """Ids as a 1-D int64 tensor. Values are range-checked where that costs no device sync (CPU)."""
-    if isinstance(ids, torch.Tensor):
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise ConfigError(f"{name} must be an integer tensor, got dtype {ids.dtype}")
-        ids_N = ids.to(torch.int64)
-    else:
-        try:
-            vals = [operator.index(w) for w in ids]
-        except TypeError as e:
-            raise ConfigError(f"{name} must be a 1-D sequence of ints, got {ids!r}") from e
-        for w in vals:
-            _check_word(name, w)
-        ids_N = torch.tensor(vals, dtype=torch.int64)
-    if ids_N.dim() != 1:
-        raise ConfigError(f"{name} must be 1-D [N], got shape {tuple(ids_N.shape)}")
-    if ids_N.device.type == "cpu" and ids_N.numel() and bool(((ids_N < 0) | (ids_N > MASK32)).any()):
-        raise ConfigError(f"{name} must hold ints in [0, 2**32), got min {int(ids_N.min())} max {int(ids_N.max())}")
-    return ids_N if device is None else ids_N.to(device)
-
-
-def seed_hash(seed: int) -> int:
-    """The hash state after the two seed words: the same for every position of a stream, so computed once on the
-    host (by ``uniforms`` and by the draw kernel of ``kernels/sampling.py``)."""
-    _check_seed(seed)
-    return _fmix32_int(_fmix32_int(HASH_IV ^ (seed & MASK32)) ^ (seed >> 32))
-
-
-def _hash_grid(seed: int, scan_N: torch.Tensor, sample_N: torch.Tensor, scale: int, n_tokens: int) -> torch.Tensor:
-    """int64 [N, n_tokens] hashes h in [0, 2**32) of keys (seed, scan_N, sample_N, scale, 0..n_tokens-1)."""
-    h_N = _fmix32(seed_hash(seed) ^ scan_N)
-    h_N = _fmix32(h_N ^ sample_N)
-    h_N = _fmix32(h_N ^ scale)
-    token_l = torch.arange(n_tokens, dtype=torch.int64, device=scan_N.device)
-    return _fmix32(h_N[:, None] ^ token_l[None, :])
-
-
-def uniforms(
-    seed: int,
-    scan_ids: torch.Tensor | Sequence[int],
-    sample_ids: torch.Tensor | Sequence[int],
-    scale: int,
-    n_tokens: int,
-) -> torch.Tensor:
-    """Float64 [N, n_tokens] uniforms u = h * 2**-32 in [0, 1), on the ids' device.
-
-    Row r, column j is keyed by (seed, scan_ids[r], sample_ids[r], scale, j). Id values are checked on
-    CPU tensors and sequences; on other devices the check would need a sync, so there they are trusted.
-    """
-    _check_seed(seed)
-    _check_word("scale", scale)
-    if not (_is_int(n_tokens) and 0 <= n_tokens <= MASK32 + 1):
-        raise ConfigError(f"n_tokens must be an int in [0, 2**32], got {n_tokens!r}")
-    scan_N = _ids_tensor("scan_ids", scan_ids, None)
-    sample_N = _ids_tensor("sample_ids", sample_ids, scan_N.device)
-    if scan_N.shape != sample_N.shape:
-        raise ConfigError(
-            f"scan_ids and sample_ids must have the same length, got {scan_N.numel()} and {sample_N.numel()}"
-        )
-    return _hash_grid(seed, scan_N, sample_N, scale, n_tokens).to(torch.float64) * U_SCALE
 
 
 # ---- selection ------------------------------------------------------------------------------------
@@ -316,7 +208,7 @@ def sample_tokens(
     Logits must be finite (-inf is allowed where each row keeps one finite value).
 
     ``fused=True`` draws from the sorted values with one Triton kernel per scale
-    (``mindhier_rt.kernels.sampling.draw_sorted``: the same rule, about 110 fewer kernels per scale);
+    (``mindhier_rt.kernels.token_draw.draw_sorted``: the same rule, about 110 fewer kernels per scale);
     greedy decoding, k > ``MAX_K`` and float64 logits keep the PyTorch code.
     """
     if logits_NlV.dim() != 3:
@@ -327,9 +219,9 @@ def sample_tokens(
     if V < 1:
         raise ConfigError(f"logits need a vocabulary of at least 1, got V = {V}")
     device = logits_NlV.device
-    _check_word("scale", scale)
-    scan_N = _ids_tensor("scan_ids", scan_ids, device)
-    sample_N = _ids_tensor("sample_ids", sample_ids, device)
+    check_word("scale", scale)
+    scan_N = ids_tensor("scan_ids", scan_ids, device)
+    sample_N = ids_tensor("sample_ids", sample_ids, device)
     if scan_N.numel() != N or sample_N.numel() != N:
         raise ConfigError(
             f"scan_ids and sample_ids need one id per row: expected {N}, got {scan_N.numel()} and {sample_N.numel()}"
@@ -344,37 +236,12 @@ def sample_tokens(
     k = V if scfg.top_k == 0 else min(scfg.top_k, V)
     top_Nlk, order_Nlk = stable_top_k(x_NlV, k)
     if fused:
-        from mindhier_rt.kernels.sampling import MAX_K, draw_sorted
+        from mindhier_rt.kernels.token_draw import MAX_K, draw_sorted
 
         if k <= MAX_K and top_Nlk.dtype == torch.float32:
             return draw_sorted(top_Nlk, order_Nlk, scfg.top_p, scfg.seed, scan_N, sample_N, scale)
-    u_Nl = _hash_grid(scfg.seed, scan_N, sample_N, scale, n_tok).to(torch.float64) * U_SCALE
+    u_Nl = hash_grid(scfg.seed, scan_N, sample_N, scale, n_tok).to(torch.float64) * U_SCALE
     return draw_from_sorted(top_Nlk, order_Nlk, scfg.top_p, u_Nl)
-
-
-def draw_from_sorted(top_Nlk: torch.Tensor, order_Nlk: torch.Tensor, top_p: float, u_Nl: torch.Tensor) -> torch.Tensor:
-    """Steps 3-6 of the selection rule (docs/sampling.md): from the first k values of each position's stable
-    descending order (``top_Nlk``, any float dtype) and their token indices (``order_Nlk``), the float64 softmax,
-    the top-p prefix and the inverse-CDF draw with the uniforms ``u_Nl`` (float64). Returns int64 [N, l]."""
-    top_Nlk = top_Nlk.to(torch.float64)
-    # Unnormalised softmax: e_j = exp(x_j - x_0), E_j = e_0 + ... + e_j (float64, sorted order),
-    # Z = E_{k-1}. Same as cumulative probabilities E_j / Z, with fewer roundings.
-    e_Nlk = torch.exp(top_Nlk - top_Nlk[..., :1])  # first sorted value is the max
-    cum_Nlk = torch.cumsum(e_Nlk, dim=-1)
-    z_Nl = cum_Nlk[..., -1]
-
-    # top-p: keep position j iff E_{j-1} < top_p * Z (position 0 always kept); the kept set is a prefix.
-    before_Nlk = torch.cat([torch.zeros_like(cum_Nlk[..., :1]), cum_Nlk[..., :-1]], dim=-1)
-    kept_Nlk = before_Nlk < (top_p * z_Nl)[..., None]
-    kept_Nlk[..., 0] = True
-    n_kept_Nl = kept_Nlk.sum(dim=-1)
-    mass_Nl = torch.gather(cum_Nlk, -1, (n_kept_Nl - 1)[..., None]).squeeze(-1)
-
-    # inverse CDF over the kept prefix: first kept position whose cumulative sum > u * mass.
-    target_Nl = u_Nl * mass_Nl
-    pos_Nl = ((cum_Nlk <= target_Nl[..., None]) & kept_Nlk).sum(dim=-1)
-    pos_Nl = torch.minimum(pos_Nl, n_kept_Nl - 1)  # float edge: target >= last kept cumulative sum
-    return torch.gather(order_Nlk, -1, pos_Nl[..., None]).squeeze(-1)
 
 
 def choose_tokens(

@@ -39,14 +39,13 @@ KERNELS = {
     "mindhier_rt.kernels.fused_norm._norm_chain_kernel",
     "mindhier_rt.kernels.fused_norm._silu_mul_kernel",
     "mindhier_rt.kernels.fused_norm._qk_norm_rope_kernel",
-    "mindhier_rt.kernels.sampling._draw_kernel",
+    "mindhier_rt.kernels.token_draw._draw_kernel",
     "mindhier_rt.kernels.scale_attention._scale_attn_fwd_kernel",
 }
 
 
 def record_decodes() -> list[cc.Launch]:
-    from mindhier_rt.models.attention import attention_mode
-    from mindhier_rt.models.blocks import fused_norms
+    from mindhier_rt.execution import execution
     from mindhier_rt.runtime.torch_fast import FastTorchBackend
 
     torch.manual_seed(0)
@@ -60,7 +59,7 @@ def record_decodes() -> list[cc.Launch]:
             reconstruct(fast, voxels, "subj01", SamplingConfig(seed=5, cfg_stop=2, top_k=1), samples=2)
             cfg, gen = models.cfg, models.generator
             x = torch.randn(1, cfg.schedule.total_tokens - 1, cfg.latent_dim)
-            with torch.no_grad(), attention_mode("triton"), fused_norms():
+            with torch.no_grad(), execution(attention="triton", fused_norms=True):
                 gen(torch.randn(1, cfg.generator.pooled_dim or cfg.context_dim), torch.randn(
                     1, cfg.schedule.context_length, cfg.context_dim), x)  # fmt: skip
         launches += got
@@ -107,7 +106,7 @@ def test_a_specialised_integer_used_as_a_tensor_is_caught(launches, tmp_path):
     """The check finds the bug class it is for: the draw kernel as it was (``scale.to(...)`` with ``scale``
     specialised), taken from git history, fails at scale 1 and compiles at scale 2."""
     old = tmp_path / "old_draw.py"
-    source = (Path(__file__).parents[1] / "kernels" / "sampling.py").read_text()
+    source = (Path(__file__).parents[1] / "kernels" / "token_draw.py").read_text()
     source = source.replace("do_not_specialize=DRAW_PER_LAUNCH_ARGS", "")  # the kernel without the fix
     assert "@triton.jit()" in source, "the draw kernel's decorator changed: update this test"
     old.write_text(source)

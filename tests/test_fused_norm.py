@@ -20,8 +20,9 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'mind
 
 from mindhier_rt.config import preset
 from mindhier_rt.errors import BackendError, ConfigError
+from mindhier_rt.execution import execution
 from mindhier_rt.kernels import fused_norm as fn
-from mindhier_rt.models.blocks import SwittiBlock, fused_norms, rope_tables
+from mindhier_rt.models.blocks import SwittiBlock, rope_tables
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.pipeline import reconstruct
 from mindhier_rt.runtime.torch_backend import TorchBackend
@@ -134,7 +135,7 @@ def test_block_with_fused_norms_matches_the_eager_block():
         context = torch.randn(B, S, 48, device=DEVICE)
         k, v = block.context_kv(context)
         ref = block(x, ada, cos, sin, k, v)
-        with fused_norms():
+        with execution(fused_norms=True):
             got = block(x, ada, cos, sin, k, v)
             k_fused, _ = block.context_kv(context)
         assert rel_err(got, ref) < 1e-5 and rel_err(k_fused, k) < 1e-5
@@ -145,7 +146,7 @@ def test_block_with_fused_norms_matches_the_eager_block():
         block.ffn.pack_gate_up()
         assert block.ffn._packed_weight() is not None
         assert all(torch.equal(t, state[n]) for n, t in block.state_dict().items())
-        with fused_norms():
+        with execution(fused_norms=True):
             packed = block(x, ada, cos, sin, k, v)
         assert rel_err(packed, ref) < 1e-5 and rel_err(block(x, ada, cos, sin, k, v), ref) < 1e-6
         block.double()  # converts each weight on its own: unpacked, the fused path falls back to two GEMMs
@@ -156,8 +157,6 @@ def test_block_with_fused_norms_matches_the_eager_block():
 def test_teacher_forced_pass_with_the_kernels_matches_the_eager_one(mode):
     """The whole pyramid in one pass with the block-sparse attention kernel (schedule masks as ranges, outputs
     written token-major) and the fused norms, against SDPA with dense masks and the PyTorch norms."""
-    from mindhier_rt.models.attention import attention_mode
-
     models = MindHier.from_config(preset("tiny").replace(attn_mode=mode), seed=0).eval()
     cfg, gen = models.cfg, models.generator
     g = torch.Generator().manual_seed(3)
@@ -166,7 +165,7 @@ def test_teacher_forced_pass_with_the_kernels_matches_the_eager_one(mode):
     x = torch.randn(1, cfg.schedule.total_tokens - 1, cfg.latent_dim, generator=g)
     with torch.no_grad():
         ref = gen(pooled, context, x)
-        with attention_mode("triton"), fused_norms():
+        with execution(attention="triton", fused_norms=True):
             got = gen(pooled, context, x)
     assert rel_err(got, ref) < 1e-4
 
@@ -178,7 +177,7 @@ def test_fast_backend_with_fused_norms_gives_the_eager_tokens(mode, tiny_voxels)
         models.generator.head.weight.mul_(8.0)  # peaked distributions, as a trained model has
     eager = TorchBackend(copy.deepcopy(models))
     fast = FastTorchBackend(models, device="cpu", fused=True)
-    assert fast.fused and fast._scan(2).fused
+    assert fast.fused and fast._scan(2).options.fused_norms
     sampling = SamplingConfig(seed=5)
     got = reconstruct(fast, tiny_voxels[:1], "subj01", sampling)
     ref = reconstruct(eager, tiny_voxels[:1], "subj01", sampling)
@@ -246,7 +245,7 @@ for dtype in ("fp32", "bf16", "fp16"):
     src = ASTSource(fn=k, signature=sig, constexprs={(k.arg_names.index("BLOCK"),): 1024})
     assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
     print("ok", dtype)
-from mindhier_rt.kernels import sampling as ks
+from mindhier_rt.kernels import token_draw as ks
 k = ks._draw_kernel
 sig = {n: ("*fp32" if n == "VALS" else "*fp64" if n == "TOP_P" else "*i64" if n.isupper() else "constexpr"
            if n == "BLOCK_K" else "i32") for n in k.arg_names}
@@ -260,7 +259,7 @@ print("ok", "draw")
 
 def test_kernels_compile_for_hopper_without_a_gpu(tmp_path):
     """Ahead-of-time compile to sm_90 cubins in a subprocess (a process that imported Triton in interpreter mode
-    cannot compile): catches what the interpreter lets through. Also the token-draw kernel of kernels/sampling.py."""
+    cannot compile): catches what the interpreter lets through. Also the token-draw kernel of kernels/token_draw.py."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     if run.returncode == 3:

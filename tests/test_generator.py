@@ -114,7 +114,8 @@ def test_reference_size_on_meta():
 @pytest.mark.parametrize("mode", MODES)
 def test_explicit_attention_matches_sdpa(mode):
     """The exported form of attention (plain matmul / softmax) equals eager SDPA, masks included."""
-    from mindhier_rt.models.attention import attention, explicit_attention
+    from mindhier_rt.execution import exporting
+    from mindhier_rt.models.attention import attention
 
     sched = preset("tiny").schedule
     g = torch.Generator().manual_seed(1)
@@ -123,14 +124,15 @@ def test_explicit_attention_matches_sdpa(mode):
     for k_len, mask in ((L, sched.self_attn_mask(mode)), (S, sched.cross_attn_mask()), (S, None)):
         k, v = torch.randn(2, 2, k_len, 16, generator=g), torch.randn(2, 2, k_len, 16, generator=g)
         eager = attention(q, k, v, mask, 0.3)
-        with explicit_attention():
+        with exporting():
             explicit = attention(q, k, v, mask, 0.3)
         assert max_rel_err(explicit, eager) < 1e-5
 
 
 def test_rope_tables_rotate_pairs():
     """x * cos + pair_swap(x) * sin with the [L, c] tables is the pairwise rotation by the angles."""
-    from mindhier_rt.models.blocks import apply_rope, rope_angles, rope_tables
+    from mindhier_rt.models.blocks import rope_angles, rope_tables
+    from mindhier_rt.models.elementwise import apply_rope
 
     angles_LP = rope_angles(preset("tiny").schedule, 8, 10000.0, 16.0)
     cos_Lc, sin_Lc = (t.float() for t in rope_tables(angles_LP))

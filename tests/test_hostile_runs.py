@@ -28,8 +28,7 @@ import mindhier_rt.train.stages as stages
 from mindhier_rt.config import preset
 from mindhier_rt.data.synthetic import make_synthetic
 from mindhier_rt.errors import CheckpointError, TrainingInterrupted
-from mindhier_rt.models.limits import planned_state
-from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.models.mindhier import MindHier, planned_state
 from mindhier_rt.train.loop import TrainConfig, train_loop
 from mindhier_rt.train.stages import TrialSet, train_stage1, train_stage2, train_vqvae
 from mindhier_rt.train.teacher import HashTextTeacher, RandomViTTeacher

@@ -1,4 +1,4 @@
-"""The token-draw kernel (``kernels/sampling.py``) against its PyTorch reference and the sampling rule.
+"""The token-draw kernel (``kernels/token_draw.py``) against its PyTorch reference and the sampling rule.
 
 Without CUDA the kernel runs under Triton's interpreter (conftest sets ``TRITON_INTERPRET=1``). Tokens must be
 identical: the uniforms are bit-exact and the float64 sums agree to the last bits, far from any draw boundary
@@ -13,7 +13,7 @@ import torch
 from mindhier_rt import sampling as S
 from mindhier_rt.errors import ConfigError
 
-ks = pytest.importorskip("mindhier_rt.kernels.sampling")
+ks = pytest.importorskip("mindhier_rt.kernels.token_draw")
 if not ks.HAS_TRITON:
     pytest.skip("Triton is not installed", allow_module_level=True)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"

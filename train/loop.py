@@ -24,7 +24,6 @@ import math
 import signal
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,25 +32,12 @@ from torch import Tensor, nn
 
 from mindhier_rt.errors import ConfigError, TrainingInterrupted
 from mindhier_rt.io import atomic_write_text
+from mindhier_rt.train.config import TrainConfig
 from mindhier_rt.train.distributed import DistContext, full_tensor, is_sharded
 from mindhier_rt.train.signals import StopOnSignal
 from mindhier_rt.train.state import Stateful, load_state, save_state, state_path
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.1
-    grad_clip: float = 1.0
-    seed: int = 0
-    log_every: int = 20
-    save_every: int = 100  # steps between state saves (and at the end, and on SIGINT / SIGTERM)
-    amp: str = "off"  # autocast dtype of the loss computation: off, bf16 or fp16 (with gradient scaling)
 
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -40,7 +40,7 @@ from mindhier_rt.safetensors_header import read_safetensors_header
 from mindhier_rt.train.distributed import DistContext, full_tensor, is_sharded, shard_like
 
 if TYPE_CHECKING:
-    from mindhier_rt.train.loop import TrainConfig
+    from mindhier_rt.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

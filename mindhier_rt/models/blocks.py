@@ -11,33 +11,29 @@ H heads, c head dim, S context tokens, D context width, P rotary pairs per head 
 
 Attention goes through ``models.attention.attention`` with boolean masks (True = may attend) so the same
 code serves the teacher-forced pass (full pyramid, schedule masks) and the per-scale decode step (one
-scale, a context segment and, in block-causal mode, a self-attention K/V cache).
+scale, a context segment and, in block-causal mode, a self-attention K/V cache). The elementwise chains between the
+matmuls are the PyTorch functions of ``models.elementwise``, or the fused Triton kernels of
+``mindhier_rt.kernels.fused_norm`` where the execution options say so (``mindhier_rt.execution``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mindhier_rt.execution import current
 from mindhier_rt.models.attention import RangeMask, attention
+from mindhier_rt.models.elementwise import (
+    layer_norm_no_affine,
+    qk_heads,
+    residual_rms_norm_eager,
+    rms_norm,
+    rms_norm_modulate_eager,
+)
 from mindhier_rt.schedule import Schedule
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x / sqrt(mean(x^2) + eps) * weight in float32, returned in x's dtype.
-
-    Written this way because the exported pattern (Pow, ReduceMean, Add, Sqrt, Div, Mul) is the one ONNX
-    Runtime fuses into a single SimplifiedLayerNormalization kernel.
-    """
-    x32 = x.float()
-    y = x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (y * weight.float()).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -52,56 +48,11 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-# ---- the block's elementwise chains, optionally fused ------------------------------------------------
-_FUSED_NORMS: contextvars.ContextVar[bool] = contextvars.ContextVar("fused_norms", default=False)
-
-
-@contextlib.contextmanager
-def fused_norms(enabled: bool = True) -> Iterator[None]:
-    """Run the Switti block's norm chains (``norm_modulate``, ``residual_norm``, SwiGLU's gate, self-attention's
-    q/k LayerNorm + rotation + cache write) as the Triton kernels of ``kernels.fused_norm`` inside this context;
-    outside it they are the PyTorch ops of this module, which are also those kernels' references and what the
-    exported graphs contain."""
-    token = _FUSED_NORMS.set(enabled)
-    try:
-        yield
-    finally:
-        _FUSED_NORMS.reset(token)
-
-
-def rms_norm_modulate_eager(
-    x_BlC: Tensor, weight_C: Tensor, eps: float, scale_B1C: Tensor | None = None, shift_B1C: Tensor | None = None
-) -> Tensor:
-    """RMSNorm(x) * weight, then * (1 + scale) + shift when given (AdaLN): the PyTorch form, which the exported
-    graphs contain and ``kernels.fused_norm.rms_norm_modulate`` (same signature) is held to."""
-    y_BlC = rms_norm(x_BlC, weight_C, eps)
-    return y_BlC if scale_B1C is None else y_BlC * (1 + scale_B1C) + shift_B1C
-
-
-def residual_rms_norm_eager(
-    x_BlC: Tensor,
-    h_BlC: Tensor,
-    weight_C: Tensor,
-    eps: float,
-    gate_B1C: Tensor | None = None,
-    next_weight_C: Tensor | None = None,
-    next_eps: float | None = None,
-    next_scale_B1C: Tensor | None = None,
-    next_shift_B1C: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """x' = x + RMSNorm(h) * weight [* gate], and ``rms_norm_modulate_eager(x', next_weight, ...)`` when
-    ``next_weight_C`` is given: the PyTorch form of ``kernels.fused_norm.residual_rms_norm`` (same signature)."""
-    y_BlC = rms_norm(h_BlC, weight_C, eps)
-    x_BlC = x_BlC + (y_BlC if gate_B1C is None else y_BlC * gate_B1C)
-    if next_weight_C is None:
-        return x_BlC, None
-    return x_BlC, rms_norm_modulate_eager(x_BlC, next_weight_C, next_eps, next_scale_B1C, next_shift_B1C)
-
-
+# ---- the block's elementwise chains, fused under ExecutionOptions.fused_norms --------------------------
 def norm_modulate(norm: RMSNorm, x: Tensor, scale: Tensor | None = None, shift: Tensor | None = None) -> Tensor:
-    """norm(x), then * (1 + scale) + shift when given (AdaLN); one Triton kernel under ``fused_norms``."""
+    """norm(x), then * (1 + scale) + shift when given (AdaLN); one Triton kernel with fused norms on."""
     fn = rms_norm_modulate_eager
-    if _FUSED_NORMS.get():
+    if current().fused_norms:
         from mindhier_rt.kernels.fused_norm import rms_norm_modulate as fn
     return fn(x, norm.weight, norm.eps, scale, shift)
 
@@ -116,31 +67,12 @@ def residual_norm(
     then_shift: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """x + norm(h) [* gate], and the next sub-layer's input ``norm_modulate(then, x', ...)`` when ``then`` is given;
-    one Triton kernel under ``fused_norms``."""
+    one Triton kernel with fused norms on (``mindhier_rt.execution``)."""
     fn = residual_rms_norm_eager
-    if _FUSED_NORMS.get():
+    if current().fused_norms:
         from mindhier_rt.kernels.fused_norm import residual_rms_norm as fn
     then_weight, then_eps = (None, None) if then is None else (then.weight, then.eps)
     return fn(x, h, norm.weight, norm.eps, gate, then_weight, then_eps, then_scale, then_shift)
-
-
-def layer_norm_no_affine(x: Tensor, width: int, eps: float) -> Tensor:
-    """LayerNorm over the last axis without gain or bias (``width`` is passed so tracers see a constant)."""
-    return F.layer_norm(x, (width,), eps=eps)
-
-
-def qk_heads(qkv_Bl3C: Tensor, cos_lc: Tensor, sin_lc: Tensor, heads: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Self-attention's q, k, v [B, H, l, c] from the fused projection viewed [B, l, 3, C]: non-affine LayerNorm
-    of q and k over the full width, the rotation (``apply_rope``), heads split. The PyTorch form of
-    ``kernels.fused_norm.qk_norm_rope`` (which also writes k and v into the cache)."""
-    B, l, _, C = qkv_Bl3C.shape
-    c = C // heads
-    # q and k share the LayerNorm (per row) and the rotation: one op each for both.
-    qk_Bl2C = layer_norm_no_affine(qkv_Bl3C[:, :, :2], C, eps)
-    qk_Bl2Hc = apply_rope(qk_Bl2C.view(B, l, 2, heads, c), cos_lc[:, None, None], sin_lc[:, None, None])
-    q, k = qk_Bl2Hc.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, l, c] each
-    v = qkv_Bl3C[:, :, 2].view(B, l, heads, c).transpose(1, 2)
-    return q, k, v
 
 
 # ---- 2D axial rotary embedding, real arithmetic ---------------------------------------------------
@@ -186,17 +118,6 @@ def rope_tables(angles_LP: Tensor) -> tuple[Tensor, Tensor]:
     return cos_Lc, sin_Lc
 
 
-def apply_rope(x: Tensor, cos_c: Tensor, sin_c: Tensor) -> Tensor:
-    """Rotate adjacent pairs (x[2j], x[2j+1]) of the last axis by the tables of ``rope_tables``.
-
-    out[2j] = x[2j] cos - x[2j+1] sin, out[2j+1] = x[2j+1] cos + x[2j] sin: the pair-swapped x times the
-    signed sin table. The tables broadcast against x (the caller lines up the token axis).
-    """
-    even, odd = x.unflatten(-1, (-1, 2)).split(1, dim=-1)
-    swapped = torch.cat((odd, even), dim=-1).flatten(-2)  # Split + Concat: far cheaper in ONNX Runtime than a flip
-    return (x * cos_c + swapped * sin_c).type_as(x)
-
-
 class SelfKVCache:
     """Preallocated self-attention K/V of one layer for block-causal decoding, written at offsets."""
 
@@ -238,7 +159,7 @@ class SelfAttention(nn.Module):
         B, l, C = x_BlC.shape
         H, c = self.heads, self.head_dim
         qkv_Bl3C = self.to_qkv(x_BlC).view(B, l, 3, C)
-        if _FUSED_NORMS.get() and (cache is None or isinstance(cache, SelfKVCache)):
+        if current().fused_norms and (cache is None or isinstance(cache, SelfKVCache)):
             from mindhier_rt.kernels.fused_norm import qk_norm_rope
 
             kv = None if cache is None else (cache.k_BHLc, cache.v_BHLc)
@@ -303,7 +224,7 @@ class SwiGLU(nn.Module):
         return None
 
     def forward(self, x: Tensor) -> Tensor:
-        if _FUSED_NORMS.get():
+        if current().fused_norms:
             from mindhier_rt.kernels.fused_norm import silu_mul
 
             packed = self._packed_weight()

@@ -1,16 +1,16 @@
 """How big a model a config read from a file may ask for, checked before anything is allocated.
 
 A checkpoint's config comes from its header: a file of a kilobyte can ask for a model of terabytes. Before
-building from such a config, :func:`planned_state` checks the fields that cost time or memory even when the
-model is built on the ``meta`` device (module counts, token counts), builds it there (shapes, no storage) and
-refuses a model whose parameters and buffers exceed :data:`MAX_MODEL_ELEMENTS`. Its state-dict shapes are what
-the checkpoint's listed tensors are compared with.
+building from such a config, ``models.mindhier.planned_state`` checks here the fields that cost time or memory even
+when the model is built on the ``meta`` device (module counts, token counts), builds it there (shapes, no
+storage) and refuses a model whose parameters and buffers exceed :data:`MAX_MODEL_ELEMENTS`. Its state-dict shapes
+are what the checkpoint's listed tensors are compared with.
 """
 
 from __future__ import annotations
 
 from mindhier_rt.config import ModelConfig
-from mindhier_rt.errors import ConfigError, MindhierError
+from mindhier_rt.errors import ConfigError
 
 # mindhier-512, the largest preset, holds 3.15e9 parameters: room for models about 2.7 times its size
 MAX_MODEL_ELEMENTS = 2**33
@@ -49,29 +49,3 @@ def check_config_limits(cfg: ModelConfig) -> None:
     if cfg.encoder is not None:
         _int("encoder subjects", len(cfg.encoder.subjects), MAX_SUBJECTS)
         _int("encoder MLP layers", len(cfg.encoder.mlp_dims), MAX_MLP_LAYERS)
-
-
-def planned_state(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
-    """The state-dict shapes of every part ``cfg`` builds, from a build on the meta device (no storage).
-
-    Raises ConfigError for a config beyond the limits above, for one that cannot be built, and for a model of
-    more than :data:`MAX_MODEL_ELEMENTS` parameter and buffer elements.
-    """
-    from mindhier_rt.models.mindhier import MindHier
-
-    check_config_limits(cfg)
-    try:
-        models = MindHier.from_config(cfg, device="meta")
-    except MindhierError:
-        raise
-    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, OverflowError) as e:
-        raise ConfigError(f"expected a config that builds the models, found one that does not ({e})") from e
-    modules = models.modules()
-    elements = sum(t.numel() for m in modules.values() for t in (*m.parameters(), *m.buffers()))
-    if elements > MAX_MODEL_ELEMENTS:
-        sizes = ", ".join(f"{n} {sum(p.numel() for p in m.parameters()):,}" for n, m in modules.items())
-        raise ConfigError(
-            f"expected a model of at most {MAX_MODEL_ELEMENTS:,} elements ({MAX_MODEL_ELEMENTS * 4 / 2**30:.0f} GiB "
-            f"in float32), found a config asking for {elements:,} ({elements * 4 / 2**40:.1f} TiB; parameters: {sizes})"
-        )
-    return {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in modules.items()}

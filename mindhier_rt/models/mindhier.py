@@ -21,10 +21,10 @@ from mindhier_rt.checkpoint import (
     save_checkpoint,
 )
 from mindhier_rt.config import ModelConfig
-from mindhier_rt.errors import CheckpointError, ConfigError
+from mindhier_rt.errors import CheckpointError, ConfigError, MindhierError
 from mindhier_rt.models.encoder import HierarchicalEncoder
 from mindhier_rt.models.generator import ScaleGenerator
-from mindhier_rt.models.limits import planned_state
+from mindhier_rt.models.limits import MAX_MODEL_ELEMENTS, check_config_limits
 from mindhier_rt.models.vqvae import MultiScaleVQVAE
 
 
@@ -116,3 +116,27 @@ class MindHier:
         counts["generator"] = sum(p.numel() for p in self.generator.parameters())
         counts["vqvae"] = sum(p.numel() for p in self.vqvae.parameters())
         return counts
+
+
+def planned_state(cfg: ModelConfig) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The state-dict shapes of every part ``cfg`` builds, from a build on the meta device (no storage).
+
+    Raises ConfigError for a config beyond the limits of ``models.limits``, for one that cannot be built, and for a
+    model of more than ``MAX_MODEL_ELEMENTS`` parameter and buffer elements.
+    """
+    check_config_limits(cfg)
+    try:
+        models = MindHier.from_config(cfg, device="meta")
+    except MindhierError:
+        raise
+    except (TypeError, ValueError, RuntimeError, ZeroDivisionError, OverflowError) as e:
+        raise ConfigError(f"expected a config that builds the models, found one that does not ({e})") from e
+    modules = models.modules()
+    elements = sum(t.numel() for m in modules.values() for t in (*m.parameters(), *m.buffers()))
+    if elements > MAX_MODEL_ELEMENTS:
+        sizes = ", ".join(f"{n} {sum(p.numel() for p in m.parameters()):,}" for n, m in modules.items())
+        raise ConfigError(
+            f"expected a model of at most {MAX_MODEL_ELEMENTS:,} elements ({MAX_MODEL_ELEMENTS * 4 / 2**30:.0f} GiB "
+            f"in float32), found a config asking for {elements:,} ({elements * 4 / 2**40:.1f} TiB; parameters: {sizes})"
+        )
+    return {name: {k: tuple(v.shape) for k, v in m.state_dict().items()} for name, m in modules.items()}

@@ -16,10 +16,10 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
   measured yet: ``benchmarks/gpu_bench.py`` times float32 fast (SDPA) against eager.
 - The elementwise chains between a block's matmuls (sandwich RMSNorms, AdaLN modulation, residual adds,
   SwiGLU's gate, q/k LayerNorm + rotation + cache write) run as six fused Triton kernels per block
-  (``mindhier_rt.kernels.fused_norm``, ``models.blocks.fused_norms``) instead of about 75 small PyTorch
+  (``mindhier_rt.kernels.fused_norm``, ``ExecutionOptions.fused_norms``) instead of about 75 small PyTorch
   kernels; SwiGLU's gate and up projections are packed into one GEMM; the context step's RMSNorms are fused
   too; each scale's token draw after the sort is one Triton kernel instead of about 110
-  (``mindhier_rt.kernels.sampling``). All of it is ``fused=True``, the default on CUDA with Triton.
+  (``mindhier_rt.kernels.token_draw``). All of it is ``fused=True``, the default on CUDA with Triton.
 - The other phases are CUDA graphs too (``GraphedCall``, one per call signature): the encoder, the context
   step (writing straight into the scan's buffers), each scale's guidance combine + token draw
   (``choose_tokens``, which the decode loop calls through the backend), each scale's f_hat update and the
@@ -49,8 +49,8 @@ import torch
 from torch import Tensor
 
 from mindhier_rt.errors import ConfigError, InputError
-from mindhier_rt.models.attention import AttentionMode, attention_mode
-from mindhier_rt.models.blocks import SelfKVCache, SwiGLU, fused_norms
+from mindhier_rt.execution import AttentionImpl, ExecutionOptions, execution
+from mindhier_rt.models.blocks import SelfKVCache, SwiGLU
 from mindhier_rt.models.generator import ScaleGenerator, ScanState
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.runtime.torch_backend import TorchBackend, cast_condition
@@ -65,8 +65,8 @@ DECODER_LAYOUTS = ("nchw", "channels_last")
 def _has_triton() -> bool:
     try:
         from mindhier_rt.kernels.fused_norm import HAS_TRITON as fused_ok
-        from mindhier_rt.kernels.sampling import HAS_TRITON as draw_ok
         from mindhier_rt.kernels.scale_attention import HAS_TRITON
+        from mindhier_rt.kernels.token_draw import HAS_TRITON as draw_ok
     except ImportError:
         return False
     return bool(HAS_TRITON and fused_ok and draw_ok)
@@ -75,14 +75,12 @@ def _has_triton() -> bool:
 class StaticScan:
     """All per-scan buffers of one row count, the per-scale step bodies and their CUDA graphs."""
 
-    def __init__(
-        self, gen: ScaleGenerator, rows: int, cuda_graphs: bool, attention: AttentionMode, fused: bool = False
-    ) -> None:
+    def __init__(self, gen: ScaleGenerator, rows: int, cuda_graphs: bool, options: ExecutionOptions) -> None:
         p = next(gen.parameters())
         dev, dt = p.device, p.dtype
         g, sched = gen.cfg.generator, gen.schedule
         C, H, c, S = g.width, g.heads, g.head_dim, sched.context_length
-        self.gen, self.rows, self.cuda_graphs, self.attention, self.fused = gen, rows, cuda_graphs, attention, fused
+        self.gen, self.rows, self.cuda_graphs, self.options = gen, rows, cuda_graphs, options
         self.start_B1C = torch.zeros(rows, 1, C, device=dev, dtype=dt)
         self.ada_blocks = [torch.zeros(rows, 6, C, device=dev, dtype=dt) for _ in gen.blocks]
         self.ada_head_B2C = torch.zeros(rows, 2, C, device=dev, dtype=dt)
@@ -130,7 +128,7 @@ class StaticScan:
         gen, sched = self.gen, self.gen.schedule
         cross_kv, cross_mask = gen.cross_inputs(i, self.ctx_kv)
         cos_lc, sin_lc = gen.rope(i)
-        with attention_mode(self.attention), fused_norms(self.fused):
+        with execution(self.options):
             return gen.blocks_step(
                 gen.embed_scale(i, self.x_in[i], self.start_B1C),
                 cos_lc,
@@ -244,7 +242,7 @@ class FastTorchBackend(TorchBackend):
         device: torch.device | str | None = None,
         dtype: str | None = None,
         cuda_graphs: bool | None = None,
-        attention: AttentionMode | None = None,
+        attention: AttentionImpl | None = None,
         fused: bool | None = None,
         decoder_dtype: str | None = None,
         decoder_layout: str = "nchw",
@@ -265,12 +263,11 @@ class FastTorchBackend(TorchBackend):
             attention = "triton" if cuda and dtype != "float32" and _has_triton() else "sdpa"
         if attention == "triton" and not _has_triton():
             raise ConfigError("attention='triton' needs Triton: pip install triton (CUDA builds of torch bring it)")
-        self.attention: AttentionMode = attention
         if fused is None:
             fused = cuda and _has_triton()
         if fused and not _has_triton():
             raise ConfigError("fused=True needs Triton: pip install triton (CUDA builds of torch bring it)")
-        self.fused = fused
+        self.options = ExecutionOptions(attention=attention, fused_norms=fused)  # the step's and context's paths
         self.dtype = HALF_DTYPES[dtype]
         if not cuda:
             log.info(
@@ -299,9 +296,18 @@ class FastTorchBackend(TorchBackend):
         self._update = GraphedCall(self.models.vqvae.update_fhat, "f_hat update", graphs)
         self._decode = GraphedCall(self._decode_eager, "VQ decoder", graphs)
 
+    @property
+    def attention(self) -> AttentionImpl:
+        return self.options.attention
+
+    @property
+    def fused(self) -> bool:
+        """Fused Triton kernels: the block's norm chains (``options.fused_norms``) and the token draw."""
+        return self.options.fused_norms
+
     def _scan(self, rows: int) -> StaticScan:
         if rows not in self._scans:
-            self._scans[rows] = StaticScan(self.models.generator, rows, self.cuda_graphs, self.attention, self.fused)
+            self._scans[rows] = StaticScan(self.models.generator, rows, self.cuda_graphs, self.options)
         return self._scans[rows]
 
     def set_decoder_layout(self, layout: str) -> None:
@@ -324,7 +330,7 @@ class FastTorchBackend(TorchBackend):
         return out.pooled_BD, out.context_BSD()
 
     def _prepare_eager(self, cond: Tensor, context_BSD: Tensor | None, rows: int) -> None:
-        with fused_norms(self.fused):  # the context's RMSNorm of every block
+        with execution(self.options):  # the context's RMSNorm of every block
             self._scan(rows).load(self.models.generator.prepare(cond, context_BSD, self_cache=False))
 
     def _decode_eager(self, f_hat_BEhw: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ sort are one program per token position:
     u = fmix32 hash of (seed, scan, sample, scale, token) * 2^-32, in uint32 arithmetic
     token = order[min(#{j < m : E_j <= u * E_{m-1}}, m - 1)]
 
-which is the selection rule of ``docs/sampling.md`` (steps 3-6) as ``sampling.draw_from_sorted`` computes it;
-``draw_sorted_ref`` (that function with ``sampling.uniforms``) is the reference of the same signature. The sort
+which is the selection rule of ``docs/sampling.md`` (steps 3-6) as ``seeded_draw.draw_from_sorted`` computes it;
+``draw_sorted_ref`` (that function with ``seeded_draw.uniforms``) is the reference of the same signature. The sort
 stays ``torch.sort`` (stable, descending) in ``sampling.stable_top_k``. The uniforms are bit-exact; the float64
 ``exp`` and the order of the cumulative sum may differ from PyTorch's in the last bit, which changes a token
 only when a draw lands within a few ulps of a cumulative sum (probability ~1e-15 per token, as between any two
@@ -34,7 +34,7 @@ from torch import Tensor
 
 from mindhier_rt.errors import ConfigError
 from mindhier_rt.kernels import import_triton, require_runnable
-from mindhier_rt.sampling import FMIX_C1, FMIX_C2, draw_from_sorted, seed_hash, uniforms
+from mindhier_rt.seeded_draw import FMIX_C1, FMIX_C2, draw_from_sorted, seed_hash, uniforms
 
 triton, tl, HAS_TRITON, _TRITON_MISSING = import_triton()  # optional: reported when a kernel is used
 
@@ -164,6 +164,6 @@ def draw_sorted_ref(
     sample_N: Tensor | Sequence[int],
     scale: int,
 ) -> Tensor:
-    """``draw_sorted`` in PyTorch: ``sampling.draw_from_sorted`` with ``sampling.uniforms``."""
+    """``draw_sorted`` in PyTorch: ``seeded_draw.draw_from_sorted`` with ``seeded_draw.uniforms``."""
     u_Nl = uniforms(seed, scan_N, sample_N, scale, top_Nlk.shape[1]).to(top_Nlk.device)
     return draw_from_sorted(top_Nlk, order_Nlk, top_p, u_Nl)
