@@ -32,7 +32,7 @@ def profile_step(models: MindHier, fused: bool, a: argparse.Namespace) -> tuple[
     vox = torch.randn(a.rows, cfg.encoder.voxel_count(subject), device="cuda")
     state = fast.prepare(*fast.encode(vox, subject))
     n = cfg.schedule.token_counts[a.scale]
-    x = None if a.scale == 0 else torch.randn(state.scan.rows, n, cfg.latent_dim, device="cuda")
+    x = None if a.scale == 0 else torch.randn(state.scan.rows, n, cfg.generator.width, device="cuda")  # embedded
     for _ in range(3):
         fast.step(a.scale, state, x)
     torch.cuda.synchronize()

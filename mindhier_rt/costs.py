@@ -5,11 +5,11 @@ Every phase of ``pipeline.reconstruct`` gets a :class:`Cost` for one call with a
 * ``encoder_cost``   the fMRI encoder (voxel MLP, image branch, text branch) for one subject
 * ``context_cost``   the context step, once per scan: pooler, crop embedding, AdaLN linears of every block
                      and of the head, cross-attention K/V projections over all M*T context tokens
-* ``step_cost``      one generator step at scale i: word embedding (i > 0), per block qkv, self-attention,
-                     self proj, cross q, cross-attention over the T tokens of one segment, cross proj,
-                     SwiGLU; then the head
+* ``step_cost``      one generator step at scale i: per block qkv, self-attention, self proj, cross q,
+                     cross-attention over the T tokens of one segment, cross proj, SwiGLU; then the head
 * ``update_cost``    the VQ update of scale i: codebook lookup, bicubic upsample (separable matrices),
-                     Phi 3x3 conv, area downsample of f_hat to the next scale's grid
+                     Phi 3x3 conv, area downsample of f_hat to the next scale's grid, and the word embedding
+                     of the next scale's tokens
 * ``decoder_cost``   post_quant_conv + the VQ-VAE decoder, counted by walking its ``nn.Conv2d`` and
                      ``AttnBlock`` modules with forward hooks on a meta-device model (no memory, no time)
 
@@ -28,8 +28,8 @@ Conventions and simplifications:
   activations by their consumers, attention score matrices (fused attention) and the outputs of
   elementwise ops are not counted, so ``bytes`` is a lower bound on memory traffic and ``intensity``
   (FLOPs / byte) an upper bound.
-* The step counts the word embedding of its input tokens (as the torch reference does); the exported
-  ``update_<i>`` graphs compute that embedding at the end of the previous update instead. The encoder
+* The word embedding of scale i + 1's input tokens is counted in update i, where every backend computes it
+  (``runtime.base``: ``update`` returns the embedded tokens). The encoder
   counts the text branch, which the torch reference computes and an exported graph may prune.
 """
 
@@ -224,9 +224,8 @@ def step_cost(cfg: ModelConfig, rows: int, i: int, dtype: str | int = "float32")
     past = sched.cached_lengths[i] if g.attn_mode == "block_causal" else 0
     t = rows * l
     cost = Cost(f"step {i}", rows)
-    if i > 0:
-        cost.linear("word_embed", t, cfg.latent_dim, C, eb)
-    cost.weight_bytes += C * eb  # lvl_embed row
+    if i == 0:
+        cost.weight_bytes += C * eb  # lvl_embed row of the start token
     for _ in range(depth):
         cost.linear("qkv", t, C, 3 * C, eb)
         cost.attention("self_attn", rows, l, past + l, C, eb)
@@ -246,7 +245,8 @@ def step_cost(cfg: ModelConfig, rows: int, i: int, dtype: str | int = "float32")
 
 # ---- VQ-VAE ------------------------------------------------------------------------------------
 def update_cost(cfg: ModelConfig, rows: int, i: int, dtype: str | int = "float32") -> Cost:
-    """VQ update of scale ``i`` on ``rows`` rows: lookup, bicubic up, Phi, f_hat +=, area down to scale i + 1."""
+    """VQ update of scale ``i`` on ``rows`` rows: lookup, bicubic up, Phi, f_hat +=, area down to scale i + 1 and
+    its word embedding."""
     eb = dtype_bytes(dtype)
     sched, E = cfg.schedule, cfg.latent_dim
     if not 0 <= i < sched.n_scales:
@@ -269,7 +269,9 @@ def update_cost(cfg: ModelConfig, rows: int, i: int, dtype: str | int = "float32
             cost._part("area", 2 * rows * E * p * n * n + 2 * rows * E * p * n * p)
             cost.weight_bytes += 2 * p * n * eb
             cost.activation_bytes += rows * E * p * n * eb
-        cost.activation_bytes += rows * E * p * p * eb  # next scale's input
+        cost.activation_bytes += rows * E * p * p * eb  # next scale's latent input
+        cost.linear("word_embed", rows * p * p, E, cfg.generator.width, eb)  # its embedded tokens
+        cost.weight_bytes += cfg.generator.width * eb  # lvl_embed row
     return cost
 
 

@@ -5,9 +5,9 @@
     prepare(...)                            -> per-scan state (context K/V cache, AdaLN vectors, self cache)
     for scale i in 0..K-1:
         [guidance switched off at i: keep only the conditional rows]
-        logits = step(i, state, x_i)        -> combine cond/uncond with weight t_i = cfg * i / (K - 1)
-        idx_i  = sample_tokens(logits, seed, scan, sample, i)
-        f_hat, x_{i+1} = update(i, f_hat, idx_i)
+        logits = step(i, state, h_i)        -> combine cond/uncond with weight t_i = cfg * i / (K - 1)
+        idx_i  = choose_tokens(logits, ...)  -> the guidance combine and the seeded draw
+        f_hat, h_{i+1} = update(i, f_hat, idx_i)   (h: the next scale's embedded input tokens)
     image = decode_image(f_hat)
 
 Rows are (scan, sample) pairs; their random streams are keyed by the caller's scan ids, so the tokens of
@@ -25,7 +25,8 @@ from torch import Tensor
 
 from mindhier_rt.errors import InputError
 from mindhier_rt.runtime.base import DecodeBackend, host_threads
-from mindhier_rt.sampling import SamplingConfig, choose_tokens, guidance_active, guidance_weight
+from mindhier_rt.sampling import SamplingConfig, guidance_active, guidance_weight
+from mindhier_rt.voxels import check_voxels
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ def reconstruct(
             f"model {backend.cfg.name} is class-conditional: decode class labels (--class-label), not voxels"
         )
     dev = backend.device
+    voxels_NV = voxels_NV.to(dev, torch.float32)
+    check_voxels(voxels_NV, subject, backend.voxel_count(subject))  # the one check, whatever the backend
     with host_threads(backend):
-        cond = backend.encode(voxels_NV.to(dev, torch.float32), subject)
+        cond = backend.encode(voxels_NV, subject)
         null = None
         if guidance_active(sampling, 0):  # the null condition: the encoding of all-zero voxels
             null = backend.encode(torch.zeros_like(voxels_NV[:1], device=dev, dtype=torch.float32), subject)
@@ -187,23 +190,22 @@ def _decode(
         if context_RSD is not None:
             context_RSD = torch.cat([context_RSD, null_context.expand(R, -1, -1)])
     state = backend.prepare(cond_R, context_RSD)
-    choose = getattr(backend, "choose_tokens", choose_tokens)  # guidance combine + draw (a backend may graph it)
 
     f_hat = backend.empty_fhat(R)
-    x_BlE: Tensor | None = None
+    h_BlC: Tensor | None = None  # scale i's embedded input tokens (None at scale 0: the state's start token)
     tokens = []
     for i in range(sched.n_scales):
         if guided and not guidance_active(sampling, i):
             state = backend.select(state, slice(0, R))
-            x_BlE = None if x_BlE is None else x_BlE[:R]
+            h_BlC = None if h_BlC is None else h_BlC[:R]
             guided = False
-        logits_BlV = backend.step(i, state, x_BlE)
+        logits_BlV = backend.step(i, state, h_BlC)
         weight = guidance_weight(sampling, i, sched.n_scales) if guided else None
-        idx_Rl = choose(logits_BlV, sampling, i, weight, row_scan, row_sample)
-        f_hat, x_next = backend.update(i, f_hat, idx_Rl)
-        if x_next is not None and guided:
-            x_next = torch.cat([x_next, x_next])
-        x_BlE = x_next
+        idx_Rl = backend.choose_tokens(logits_BlV, sampling, i, weight, row_scan, row_sample)
+        f_hat, h_next = backend.update(i, f_hat, idx_Rl)
+        if h_next is not None and guided:
+            h_next = torch.cat([h_next, h_next])
+        h_BlC = h_next
         tokens.append(idx_Rl.view(N, samples, -1))  # to the host after the loop: no device sync per scale
         if on_scale is not None:
             on_scale(i)

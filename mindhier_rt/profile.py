@@ -26,7 +26,6 @@ import torch
 from torch import Tensor
 
 import mindhier_rt.pipeline as pipeline
-import mindhier_rt.sampling as sampling_mod
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.costs import Cost, decode_costs
 from mindhier_rt.errors import ConfigError, InputError
@@ -94,9 +93,8 @@ class TimedBackend:
         scan_ids: Tensor,
         sample_ids: Tensor,
     ) -> Tensor:
-        choose = getattr(self._backend, "choose_tokens", sampling_mod.choose_tokens)
         with self._timer(f"sample {scale}"):
-            return choose(logits_BlV, scfg, scale, guidance, scan_ids, sample_ids)
+            return self._backend.choose_tokens(logits_BlV, scfg, scale, guidance, scan_ids, sample_ids)
 
     def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
         with self._timer(f"update {i}"):

@@ -17,6 +17,7 @@ from mindhier_rt.export.checks import GraphCheckError, check_graph, op_counts, t
 from mindhier_rt.export.onnx_export import export_bundle
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.pipeline import reconstruct
+from mindhier_rt.runtime.base import ScaleUpdate
 from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from mindhier_rt.runtime.torch_backend import TorchBackend
 from mindhier_rt.sampling import SamplingConfig
@@ -75,6 +76,31 @@ def test_logits_match_per_scale(exported):
     errors, image_diff = lockstep_errors(models, bundle)
     assert max(errors) < 1e-4, errors
     assert image_diff < 1 / 255
+
+
+def test_update_hands_the_loop_the_same_next_input(exported):
+    """``update`` is one contract: f_hat and scale i + 1's embedded input [B, n_{i+1}, C], the same tensor (to
+    float32 rounding) from the eager backend and from the exported graphs."""
+    models, bundle = exported
+    if models.cfg.name != "tiny":
+        pytest.skip("the tiny bundles cover both modes")
+    cfg, K = models.cfg, models.cfg.schedule.n_scales
+    backends = [TorchBackend(models), OnnxRuntimeBackend(bundle)]
+    f_hats = [be.empty_fhat(2) for be in backends]
+    g = torch.Generator().manual_seed(0)
+    for i in range(K):
+        idx = torch.randint(0, cfg.vocab_size, (2, cfg.schedule.token_counts[i]), generator=g)
+        updates = [be.update(i, f, idx) for be, f in zip(backends, f_hats, strict=True)]
+        assert all(isinstance(u, ScaleUpdate) for u in updates)
+        ref, got = updates
+        assert (ref.f_hat_BEhw - got.f_hat_BEhw).abs().max() < 1e-4
+        if i == K - 1:
+            assert ref.h_next_BlC is None and got.h_next_BlC is None
+        else:
+            want = (2, cfg.schedule.token_counts[i + 1], cfg.generator.width)
+            assert tuple(ref.h_next_BlC.shape) == tuple(got.h_next_BlC.shape) == want
+            assert (ref.h_next_BlC - got.h_next_BlC).abs().max() < 1e-4
+        f_hats = [u.f_hat_BEhw for u in updates]
 
 
 def test_decode_matches_the_torch_backend(exported):
@@ -203,8 +229,11 @@ def test_bad_bundles_are_refused(exported, tmp_path):
     assert OnnxRuntimeBackend(bundle, host_threads=None).host_threads is None
     with pytest.raises(InputError, match="no encoder for subject 'subj07'"):
         backend.encode(torch.zeros(1, 96), "subj07")
+    # voxels are checked once, by the loop, against the backend's voxel_count (the bundle's)
     with pytest.raises(InputError, match="expects 96 voxels"):
-        backend.encode(torch.zeros(1, 95), "subj01")
+        reconstruct(backend, torch.zeros(1, 95), "subj01", SamplingConfig())
+    with pytest.raises(InputError, match="no encoder for subject 'subj07'"):
+        reconstruct(backend, torch.zeros(1, 96), "subj07", SamplingConfig())
 
 
 def test_decode_engine_from_the_command_line(exported, tmp_path, cli):

@@ -46,7 +46,11 @@ def test_step_linears_count_2_b_l_in_out(i):
     assert parts["proj"] == parts["cross_q"] == parts["cross_proj"] == d * 2 * B * l * C * C
     assert parts["ffn_gate"] == parts["ffn_up"] == parts["ffn_down"] == d * 2 * B * l * C * g.ffn_dim
     assert parts["head"] == 2 * B * l * C * cfg.vocab_size
-    assert parts.get("word_embed", 0) == (0 if i == 0 else 2 * B * l * cfg.latent_dim * C)
+    # the word embedding of scale i's tokens is the previous update's (where every backend computes it)
+    assert "word_embed" not in parts
+    embed = update_cost(cfg, B, i - 1).flops_by_part["word_embed"] if i > 0 else 0
+    assert embed == (0 if i == 0 else 2 * B * l * cfg.latent_dim * C)
+    assert "word_embed" not in update_cost(cfg, B, cfg.schedule.n_scales - 1).flops_by_part  # no next scale
     assert parts["cross_attn"] == d * 4 * B * l * cfg.context_tokens * C
     assert sum(parts.values()) == step_cost(cfg, B, i).flops
 

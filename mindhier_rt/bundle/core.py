@@ -133,6 +133,11 @@ class Bundle:
         except ValueError as e:
             raise BundleError(f"{self.root}: table {rel} is not a .npy array ({e})") from e
 
+    def voxel_count(self, subject: str) -> int:
+        """Voxels per scan that ``subject``'s encoder graph takes; InputError if the bundle has no such graph."""
+        self.encoder_graph(subject)
+        return self.spec.subjects[subject]
+
     def encoder_graph(self, subject: str) -> dict[str, Any]:
         subjects = self.spec.subjects
         if subject not in subjects:

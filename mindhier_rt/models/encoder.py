@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mindhier_rt.config import ModelConfig
-from mindhier_rt.errors import ConfigError, InputError
+from mindhier_rt.errors import ConfigError
 from mindhier_rt.models.attention import attention
+from mindhier_rt.voxels import check_voxels
 
 
 @dataclass
@@ -177,29 +178,15 @@ class HierarchicalEncoder(nn.Module):
 
     def check_voxels(self, voxels_BV: Tensor, subject: str) -> None:
         """Raise ConfigError / InputError for an unknown subject or malformed voxels (``forward`` calls it)."""
-        count = self.voxel_count(subject)
-        if voxels_BV.ndim != 2:
-            raise InputError(
-                f"subject {subject} expects voxels of shape [batch, {count}], got shape {tuple(voxels_BV.shape)}"
-            )
-        if voxels_BV.shape[1] != count:
-            raise InputError(f"subject {subject} expects {count} voxels per scan, got {voxels_BV.shape[1]}")
-        if not voxels_BV.is_floating_point():
-            raise InputError(f"voxels must be floating point, got dtype {voxels_BV.dtype}")
-        # Data-dependent check: skipped while tracing / exporting (it would be baked into the graph), on meta and
-        # while a CUDA graph is captured (a host sync; the fast backend checks before it replays).
-        if (
+        # The NaN / inf check is data-dependent: skipped while tracing / exporting (it would be baked into the
+        # graph), on meta and while a CUDA graph is captured (a host sync; the decode loop checks before encoding).
+        tracing = (
             voxels_BV.device.type == "meta"
             or torch.jit.is_tracing()
             or torch.compiler.is_compiling()
             or (voxels_BV.is_cuda and torch.cuda.is_current_stream_capturing())
-        ):
-            return
-        bad_rows = int((~torch.isfinite(voxels_BV)).any(dim=1).sum())
-        if bad_rows:
-            raise InputError(
-                f"{bad_rows} of {voxels_BV.shape[0]} voxel rows for subject {subject} contain NaN or inf values"
-            )
+        )
+        check_voxels(voxels_BV, subject, self.voxel_count(subject), finite=not tracing)
 
     # ---- forward -------------------------------------------------------------------------------
     def encode_voxels(self, voxels_BV: Tensor, subject: str) -> Tensor:

@@ -291,11 +291,15 @@ class ScaleGenerator(nn.Module):
 
     def step(self, i: int, state: ScanState, x_BlE: Tensor | None = None) -> Tensor:
         """Logits [B, n_i, V] of scale i. ``x_BlE`` is the next-scale input from the VQ-VAE (None at i = 0)."""
+        return self.step_embedded(i, state, self.embed_scale(i, x_BlE, state.start_B1C))
+
+    def step_embedded(self, i: int, state: ScanState, h_BlC: Tensor) -> Tensor:
+        """Logits [B, n_i, V] of scale i from its input tokens in model width (``embed_scale``'s output)."""
         sched = self.schedule
         cross_kv, cross_mask = self.cross_inputs(i, state.ctx_kv)
         cos_lc, sin_lc = self.rope(i)
         return self.blocks_step(
-            self.embed_scale(i, x_BlE, state.start_B1C),
+            h_BlC,
             cos_lc,
             sin_lc,
             state.ada_blocks,

@@ -1,1 +1,2 @@
-"""Backends that implement the decode contract (torch here; onnxruntime and tensorrt later)."""
+"""The decode contract (``base.DecodeBackend``), its backends (torch, torch-fast, onnxruntime, tensorrt) and
+``open.open_backend``, the one factory that picks one."""

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from mindhier_rt.bundle import Bundle, OnnxGraph
-from mindhier_rt.errors import BackendError, BundleError, InputError
+from mindhier_rt.errors import BackendError, BundleError
+from mindhier_rt.runtime.base import DecodeBackend, ScaleUpdate
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _check_external_refs(graph: OnnxGraph, bundle: Bundle) -> None:
         )
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(DecodeBackend):
     name = "onnxruntime"
 
     def __init__(
@@ -187,13 +188,11 @@ class OnnxRuntimeBackend:
         return torch.from_numpy(np.ascontiguousarray(a)).float()
 
     # ---- the decode contract ---------------------------------------------------------------------
+    def voxel_count(self, subject: str) -> int:
+        return self.bundle.voxel_count(subject)
+
     def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
         self.bundle.encoder_graph(subject)
-        expected = self.bundle.spec.subjects[subject]
-        if voxels_BV.ndim != 2 or voxels_BV.shape[1] != expected:
-            raise InputError(
-                f"subject {subject} expects {expected} voxels per scan, got shape {tuple(voxels_BV.shape)}"
-            )
         pooled, context = self.run(f"encoder_{subject}", {"voxels": self._in(voxels_BV)})
         return self._out(pooled), self._out(context)
 
@@ -220,10 +219,10 @@ class OnnxRuntimeBackend:
             past=None if state.past is None else [p[rows] for p in state.past],
         )
 
-    def step(self, i: int, state: OrtState, x_BlC: Tensor | None) -> Tensor:
+    def step(self, i: int, state: OrtState, h_BlC: Tensor | None) -> Tensor:
         sched = self.cfg.schedule
         tokens, segment = sched.scale_slice(i), sched.segment_of_scale[i]
-        h = state.start if i == 0 else self._in(x_BlC)
+        h = state.start if i == 0 else self._in(h_BlC)
         feeds = {"h": h, "ada_blocks": state.ada_blocks, "ada_head": state.ada_head}
         if self.rope_cos is not None:
             feeds["rope.cos"], feeds["rope.sin"] = self.rope_cos[tokens], self.rope_sin[tokens]
@@ -246,9 +245,9 @@ class OnnxRuntimeBackend:
         n = self.cfg.schedule.last_side
         return torch.zeros(batch, self.cfg.latent_dim, n, n)
 
-    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
+    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> ScaleUpdate:
         outs = self.run(f"update_{i}", {"f_hat": self._in(f_hat_BEhw), "idx": idx_Bl.cpu().numpy().astype(np.int64)})
-        return self._out(outs[0]), (self._out(outs[1]) if len(outs) > 1 else None)
+        return ScaleUpdate(self._out(outs[0]), self._out(outs[1]) if len(outs) > 1 else None)
 
     def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
         (image,) = self.run("vq_decoder", {"f_hat": self._in(f_hat_BEhw)})

@@ -66,6 +66,7 @@ from mindhier_rt.export.tensorrt_build import (
     check_plan_metadata,
     decode_plan_from_manifest,
 )
+from mindhier_rt.runtime.base import DecodeBackend, ScaleUpdate
 
 log = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ class TrtState:
     rows: int  # rows of the current decode (cond + uncond while guided), <= the built rows
 
 
-class TensorRTBackend:
+class TensorRTBackend(DecodeBackend):
     """Decode backend on TensorRT plans (see the module docstring)."""
 
     name = "tensorrt"
@@ -597,11 +598,7 @@ class TensorRTBackend:
         self.bundle.encoder_graph(subject)
         graph = f"encoder_{subject}"
         voxels_b = self.plan.binding(graph, "voxels")
-        expected = voxels_b.shapes[0][1]
-        if voxels_BV.ndim != 2 or voxels_BV.shape[1] != expected:
-            raise InputError(
-                f"subject {subject} expects {expected} voxels per scan, got shape {tuple(voxels_BV.shape)}"
-            )
+        expected = voxels_b.shapes[0][1]  # the loop has checked the voxels against voxel_count
         N = voxels_BV.shape[0]
         self._check_rows(N, voxels_b.shapes[0][0], "the voxel batch")
         self.memory.begin()
@@ -654,7 +651,7 @@ class TensorRTBackend:
         self.memory.end()
         return self.memory.read(self._f_hat_ptr[0], b.shapes[0], b.dtype, batch)
 
-    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
+    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> ScaleUpdate:
         graph = f"update_{i}"
         rows = f_hat_BEhw.shape[0]
         self._check_rows(rows, self.plan.rows.sample_rows, "the latent batch")
@@ -665,7 +662,7 @@ class TensorRTBackend:
         self.memory.end()
         f_hat = self._read(graph, "f_hat_next", 0, rows)
         x_next = self._read(graph, "h_next", 0, rows) if "h_next" in self.plan.bindings[graph] else None
-        return f_hat, x_next
+        return ScaleUpdate(f_hat, x_next)
 
     def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
         rows = f_hat_BEhw.shape[0]

@@ -12,9 +12,10 @@ from torch import Tensor
 from mindhier_rt.errors import InputError
 from mindhier_rt.models.generator import ScanState
 from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.runtime.base import DecodeBackend, ScaleUpdate
 
 
-class TorchBackend:
+class TorchBackend(DecodeBackend):
     name = "torch"
 
     def __init__(
@@ -47,15 +48,16 @@ class TorchBackend:
         return state
 
     @torch.inference_mode()
-    def step(self, i: int, state: ScanState, x_BlE: Tensor | None) -> Tensor:
-        return self.models.generator.step(i, state, None if x_BlE is None else x_BlE.to(self.dtype))
+    def step(self, i: int, state: ScanState, h_BlC: Tensor | None) -> Tensor:
+        gen = self.models.generator
+        return gen.step_embedded(i, state, gen.embed_scale(0, None, state.start_B1C) if i == 0 else h_BlC)
 
     def empty_fhat(self, batch: int) -> Tensor:
         return self.models.vqvae.empty_fhat(batch, self.device, torch.float32)
 
     @torch.inference_mode()
-    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self.models.vqvae.update_fhat(i, f_hat_BEhw, idx_Bl)
+    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> ScaleUpdate:
+        return ScaleUpdate(*update_and_embed(self.models, i, f_hat_BEhw, idx_Bl, self.dtype))
 
     @torch.inference_mode()
     def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
@@ -68,3 +70,14 @@ def cast_condition(
     """The condition on the backend's device: float features in the model dtype, class labels kept int64."""
     cond = cond.to(device) if not cond.is_floating_point() else cond.to(device, dtype)
     return cond, None if context_BSD is None else context_BSD.to(device, dtype)
+
+
+def update_and_embed(
+    models: MindHier, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """The VQ-VAE's update of f_hat by scale i's tokens and, but after the last scale, scale i + 1's input embedded
+    by the generator in ``dtype`` (what the exported ``update_<i>`` graphs compute)."""
+    f_hat_BEhw, x_next_BlE = models.vqvae.update_fhat(i, f_hat_BEhw, idx_Bl)
+    if x_next_BlE is None:
+        return f_hat_BEhw, None
+    return f_hat_BEhw, models.generator.embed_scale(i + 1, x_next_BlE.to(dtype))

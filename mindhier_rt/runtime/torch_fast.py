@@ -3,9 +3,9 @@
 Same contract and same decode loop as the eager ``TorchBackend``; what changes is how a scale's step runs:
 
 - Every per-scan tensor a step reads (start token, AdaLN vectors, the context K/V of every layer, the
-  block-causal self-attention cache, the scale's input tokens) lives in a buffer allocated once per row count
+  block-causal self-attention cache, the scale's embedded input tokens) lives in a buffer allocated once per row count
   (``StaticScan``). ``prepare`` and ``select`` copy into those buffers; nothing is allocated per step.
-- On CUDA, scale i's step (embedding, all blocks, head) is captured as one CUDA graph the first time it runs
+- On CUDA, scale i's step (all blocks and the head) is captured as one CUDA graph the first time it runs
   for a row count, after two warm-up runs on a side stream, and replayed afterwards: one launch per scale.
   The graphs stay valid across scans because the buffers do (a second decode of the same batch size replays).
 - Attention inside the graphs goes through the block-sparse Triton kernel
@@ -22,8 +22,8 @@ Same contract and same decode loop as the eager ``TorchBackend``; what changes i
   (``mindhier_rt.kernels.token_draw``). All of it is ``fused=True``, the default on CUDA with Triton.
 - The other phases are CUDA graphs too (``GraphedCall``, one per call signature): the encoder, the context
   step (writing straight into the scan's buffers), each scale's guidance combine + token draw
-  (``choose_tokens``, which the decode loop calls through the backend), each scale's f_hat update and the
-  VQ-VAE decoder. A phase whose capture fails runs eagerly (logged once).
+  (``choose_tokens``), each scale's f_hat update with the next scale's input embedding (the contract's
+  ``update``, as in the eager backend) and the VQ-VAE decoder. A phase whose capture fails runs eagerly (logged once).
 - Encoder and generator weights in bfloat16 (default on CUDA) or float16; RMSNorm statistics are computed in
   float32 by the model code and logits are returned in float32. The VQ-VAE's weights stay float32: f_hat
   accumulates in float32 (its residual sum is where precision matters), and the image decoder runs under
@@ -53,7 +53,8 @@ from mindhier_rt.execution import AttentionImpl, ExecutionOptions, execution
 from mindhier_rt.models.blocks import SelfKVCache, SwiGLU
 from mindhier_rt.models.generator import ScaleGenerator, ScanState
 from mindhier_rt.models.mindhier import MindHier
-from mindhier_rt.runtime.torch_backend import TorchBackend, cast_condition
+from mindhier_rt.runtime.base import ScaleUpdate
+from mindhier_rt.runtime.torch_backend import TorchBackend, cast_condition, update_and_embed
 from mindhier_rt.sampling import SamplingConfig, choose_tokens
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,8 @@ class StaticScan:
         self.self_kv: list[SelfKVCache] | None = None
         if g.attn_mode == "block_causal":
             self.self_kv = [SelfKVCache(rows, H, sched.total_tokens, c, dev, dt) for _ in gen.blocks]
-        E = gen.cfg.latent_dim
-        self.x_in = [None] + [torch.zeros(rows, n, E, device=dev, dtype=dt) for n in sched.token_counts[1:]]
+        # each scale's embedded input tokens (update's output; scale 0's comes from the start token)
+        self.h_in = [None] + [torch.zeros(rows, n, C, device=dev, dtype=dt) for n in sched.token_counts[1:]]
         self.logits: list[Tensor | None] = [None] * sched.n_scales
         self.graphs: list[torch.cuda.CUDAGraph | None] = [None] * sched.n_scales
 
@@ -130,7 +131,7 @@ class StaticScan:
         cos_lc, sin_lc = gen.rope(i)
         with execution(self.options):
             return gen.blocks_step(
-                gen.embed_scale(i, self.x_in[i], self.start_B1C),
+                gen.embed_scale(0, None, self.start_B1C) if i == 0 else self.h_in[i],
                 cos_lc,
                 sin_lc,
                 self.ada_blocks,
@@ -154,10 +155,10 @@ class StaticScan:
         self.graphs[i] = graph
         log.debug("captured the CUDA graph of scale %d for %d rows", i, self.rows)
 
-    def run(self, i: int, x_BlE: Tensor | None) -> Tensor:
+    def run(self, i: int, h_BlC: Tensor | None) -> Tensor:
         if i > 0:
-            assert x_BlE is not None
-            self.x_in[i].copy_(x_BlE)
+            assert h_BlC is not None
+            self.h_in[i].copy_(h_BlC)
         if not self.cuda_graphs:
             return self._body(i)
         if self.graphs[i] is None:
@@ -293,7 +294,9 @@ class FastTorchBackend(TorchBackend):
         self._encode = GraphedCall(self._encode_eager, "encode", graphs)
         self._prepare = GraphedCall(self._prepare_eager, "context step", graphs)
         self._choose = GraphedCall(functools.partial(choose_tokens, fused=self.fused), "token choice", graphs)
-        self._update = GraphedCall(self.models.vqvae.update_fhat, "f_hat update", graphs)
+        self._update = GraphedCall(
+            functools.partial(update_and_embed, self.models, dtype=self.dtype), "f_hat update", graphs
+        )
         self._decode = GraphedCall(self._decode_eager, "VQ decoder", graphs)
 
     @property
@@ -350,9 +353,8 @@ class FastTorchBackend(TorchBackend):
     def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
         if self.models.encoder is None:
             raise InputError(f"model {self.cfg.name} has no fMRI encoder: it cannot decode voxels")
-        voxels_BV = voxels_BV.to(self.device, self.dtype)
-        self.models.encoder.check_voxels(voxels_BV, subject)  # eagerly: a replayed graph checks nothing
-        return self._encode(voxels_BV, subject)
+        # the loop has checked the voxels (a replayed graph checks nothing)
+        return self._encode(voxels_BV.to(self.device, self.dtype), subject)
 
     @torch.inference_mode()
     def prepare(self, pooled_BD: Tensor, context_BSD: Tensor | None) -> FastState:
@@ -369,9 +371,9 @@ class FastTorchBackend(TorchBackend):
         return FastState(scan)
 
     @torch.inference_mode()
-    def step(self, i: int, state: FastState, x_BlE: Tensor | None) -> Tensor:
+    def step(self, i: int, state: FastState, h_BlC: Tensor | None) -> Tensor:
         # one float32 copy: the graph's output buffer is overwritten by the next replay
-        return state.scan.run(i, x_BlE).to(torch.float32, copy=True)
+        return state.scan.run(i, h_BlC).to(torch.float32, copy=True)
 
     @torch.inference_mode()
     def choose_tokens(
@@ -387,8 +389,8 @@ class FastTorchBackend(TorchBackend):
         return self._choose(logits_BlV, scfg, scale, guidance, scan_ids, sample_ids)
 
     @torch.inference_mode()
-    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
-        return self._update(i, f_hat_BEhw, idx_Bl)
+    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> ScaleUpdate:
+        return ScaleUpdate(*self._update(i, f_hat_BEhw, idx_Bl))
 
     @torch.inference_mode()
     def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
