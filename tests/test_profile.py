@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from mindhier_rt.costs import (
     step_cost,
     update_cost,
 )
+from mindhier_rt.errors import InputError
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.profile import (
     TimedBackend,
@@ -255,3 +257,17 @@ def test_cli_profile_tensorrt_without_tensorrt_says_so_in_one_line(cli, tiny_bun
     assert code == 2  # a missing optional dependency, as decode --backend tensorrt
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the tensorrt backend needs TensorRT"), err
+
+
+def test_profile_plan_runs_what_the_sources_allow():
+    from mindhier_rt.profile_plan import ProfileSources, plan_backends
+
+    both = ProfileSources(ckpt=Path("m.safetensors"), engine=Path("b"))
+    assert plan_backends(both, None, None) == ["torch", "onnxruntime"]
+    assert plan_backends(ProfileSources(engine=Path("b")), "tensorrt,onnxruntime", None) == ["tensorrt", "onnxruntime"]
+    assert plan_backends(ProfileSources(preset="tiny"), "torch-fast,onnxruntime", Path("d")) == [
+        "torch-fast",
+        "onnxruntime",
+    ]
+    with pytest.raises(InputError, match="tensorrt runs built plans"):
+        plan_backends(ProfileSources(ckpt=Path("m.safetensors")), "tensorrt", None)

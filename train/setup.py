@@ -40,11 +40,12 @@ def open_training_run(
         if need:
             raise InputError(f"this stage needs trained {', '.join(need)}: pass --init CKPT from the earlier stages")
         models = MindHier.from_config(preset(preset_name), seed=0)
+    encoder = models.cfg.encoder
+    if encoder is None:
+        raise InputError(f"model {models.cfg.name} has no fMRI encoder: these stages train fMRI models")
     for subject, n in data.subjects.items():
-        if subject in dict(models.cfg.encoder.subjects) and models.cfg.encoder.voxel_count(subject) != n:
-            raise InputError(
-                f"{data_dir}: {subject} has {n} voxels, the model expects {models.cfg.encoder.voxel_count(subject)}"
-            )
+        if subject in dict(encoder.subjects) and encoder.voxel_count(subject) != n:
+            raise InputError(f"{data_dir}: {subject} has {n} voxels, the model expects {encoder.voxel_count(subject)}")
     return data, models
 
 
@@ -69,13 +70,15 @@ def distributed_for_batch(batch_size: int) -> DistContext:
 def stage1_teachers(cfg: ModelConfig, teacher: str, seed: int, clip_weights: Path | None) -> tuple[Any, Any]:
     """(image teacher, text teacher): the frozen random ViT of the synthetic benchmark, or CLIP ViT-L/14 from a
     local file (which needs a 768-wide, 257-token config with 77 text tokens)."""
+    assert cfg.encoder is not None  # open_training_run refuses models without one
     if teacher == "clip":
         from mindhier_rt.train.clip_teacher import ClipTeacher
 
-        if (cfg.context_dim, cfg.context_tokens, cfg.encoder.text_tokens) != (768, 257, 77):
+        text_tokens = cfg.encoder.text_tokens
+        if (cfg.context_dim, cfg.context_tokens, text_tokens) != (768, 257, 77):
             raise InputError(
                 f"the CLIP teacher gives 257 x 768 image and 77 x 768 text tokens; preset {cfg.name} expects "
-                f"{cfg.context_tokens} x {cfg.context_dim} and {cfg.encoder.text_tokens} text tokens"
+                f"{cfg.context_tokens} x {cfg.context_dim} and {text_tokens} text tokens"
             )
         clip = ClipTeacher(cfg.schedule.clip_layers, clip_weights)
         return clip, clip
@@ -113,6 +116,7 @@ def teacher_targets(
         return
     from mindhier_rt.train.feature_cache import FeatureCache, teacher_features, weights_hash
 
+    assert cfg.encoder is not None
     taps = ".".join(map(str, cfg.schedule.clip_layers))
     cache = FeatureCache(
         feature_cache, f"{teacher}-L{taps}-t{cfg.encoder.text_tokens}",

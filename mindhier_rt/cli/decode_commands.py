@@ -149,8 +149,10 @@ def profile(
 
     with open_profile_backends(sources, names, device, batch, samples, export_dir, on_export) as runners:
         cfg = runners[0].cfg
-        subject = subject or cfg.encoder.subjects[0][0]
-        cfg.encoder.voxel_count(subject)  # ConfigError naming the known subjects
+        encoder = cfg.encoder
+        assert encoder is not None  # open_profile_backends refuses models without one
+        subject = subject or encoder.subjects[0][0]
+        encoder.voxel_count(subject)  # ConfigError naming the known subjects
         typer.echo(f"profiling {', '.join(names)} in turns: {repeats} runs each after {warmup} warm-up ...", err=True)
         results = profile_backends(
             runners, subject, batch, samples, sampling, repeats=repeats, warmup=warmup, seed=seed
