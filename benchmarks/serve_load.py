@@ -38,7 +38,7 @@ import torch
 
 from mindhier_rt.bundle import Bundle
 from mindhier_rt.pipeline import reconstruct
-from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
+from mindhier_rt.runtime.open import open_backend
 from mindhier_rt.serve.client import RemoteDecoder, Settings, _inputs
 from mindhier_rt.serve.repository import MODEL, PROGRESSIVE_MODEL, RepositorySpec, write_repository
 from mindhier_rt.serve.server import Ports, start_server, wait_ready
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampling = bundle.spec.sampling
     rng = np.random.default_rng(0)
     pool = rng.standard_normal((args.distinct, n_vox)).astype(np.float32)  # scans the clients draw from
-    local = OnnxRuntimeBackend(bundle)
+    local = open_backend(engine=Path(args.engine), backend="onnxruntime")  # what the served model runs
     ref = reconstruct(local, torch.from_numpy(pool), subject, sampling, scan_ids=torch.arange(args.distinct))
     ref_images = images_uint8(ref.images_NS3HW)
     ref_tokens = torch.cat(ref.tokens, -1).numpy()

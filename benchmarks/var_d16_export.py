@@ -31,11 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from public_layouts import var_state_dict, vqvae_state_dict
 
 from mindhier_rt.bundle import Bundle
-from mindhier_rt.importers import import_models
 from mindhier_rt.io import atomic_write_text, write_json
 from mindhier_rt.pipeline import generate
-from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
-from mindhier_rt.runtime.torch_backend import TorchBackend
+from mindhier_rt.runtime.open import open_backend
 from mindhier_rt.sampling import SamplingConfig
 from mindhier_rt.schedule import PATCH_NUMS_256
 
@@ -72,14 +70,15 @@ def main() -> None:
     t_decode_cli = run([*cli, "decode", "--engine", str(bundle_path), *labels, "--out", str(work / "decoded")])
 
     t0 = time.perf_counter()
-    imported = import_models(gen_path, vae_path)
+    reference = open_backend(ckpt=gen_path, vae=vae_path, backend="torch")  # decode --ckpt ... --vae ...
     t_import = time.perf_counter() - t0
+    models = reference.models
     sampling = SamplingConfig(seed=0)
     t0 = time.perf_counter()
-    ref = generate(TorchBackend(imported.models), torch.tensor(LABELS), sampling)
+    ref = generate(reference, torch.tensor(LABELS), sampling)
     t_torch = time.perf_counter() - t0
     bundle = Bundle.open(bundle_path)
-    ort = OnnxRuntimeBackend(bundle)
+    ort = open_backend(engine=bundle_path, backend="onnxruntime")  # decode --engine ...
     t0 = time.perf_counter()
     got = generate(ort, torch.tensor(LABELS), sampling)
     t_ort = time.perf_counter() - t0
@@ -88,8 +87,8 @@ def main() -> None:
     report = {
         "command": f"python benchmarks/var_d16_export.py --work {work}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "params": imported.models.param_counts(),
-        "config": {"name": imported.models.cfg.name, "generator": imported.models.cfg.to_dict()["generator"]},
+        "params": models.param_counts(),
+        "config": {"name": models.cfg.name, "generator": models.cfg.to_dict()["generator"]},
         "input_file_gb": {p.name: round(p.stat().st_size / 1e9, 3) for p in (gen_path, vae_path)},
         "seconds": {
             "write_random_files": round(t_write, 1),

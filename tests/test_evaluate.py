@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from mindhier_rt.errors import InputError
-from mindhier_rt.evaluate import (
-    NETWORKS,
-    EvalSuite,
-    load_network,
-    match_rows,
-    select_best_of_n,
-)
+from mindhier_rt.evaluate import EvalSuite, match_rows, select_best_of_n
+from mindhier_rt.feature_networks import NETWORKS, load_network
 
 TINY_CLIP = "mh-tiny-clip"  # a small open_clip ViT registered for these tests; its embedding is 32 wide (tiny preset)
 
@@ -98,7 +93,7 @@ def test_best_of_n_and_row_matching():
 def test_evaluate_command_selects_with_the_brain_unless_the_oracle_is_asked(cli, tmp_path, tiny_ckpt, weights_dir):
     from mindhier_rt.config import preset
     from mindhier_rt.data import make_synthetic, open_dataset, write_dataset
-    from mindhier_rt.evaluate import ClipFeatures
+    from mindhier_rt.feature_networks import ClipFeatures
 
     subjects = preset("tiny").encoder.subjects
     data = write_dataset(make_synthetic(subjects, n_train=4, n_test=4, repeats=2, size=32), tmp_path / "data")

@@ -88,7 +88,8 @@ def test_written_files_follow_the_umask(cli, tmp_path):
 
 
 def test_evaluate_finds_weights_in_the_standard_caches(monkeypatch, tmp_path):
-    from mindhier_rt.evaluate import NETWORKS, EvalSuite, weight_search_path
+    from mindhier_rt.evaluate import EvalSuite
+    from mindhier_rt.feature_networks import NETWORKS, weight_search_path
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)

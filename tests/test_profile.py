@@ -1,7 +1,9 @@
 """The cost model, the phase profiler, its table and the `profile` command."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from mindhier_rt.costs import (
     step_cost,
     update_cost,
 )
+from mindhier_rt.errors import InputError
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.profile import (
     TimedBackend,
@@ -236,3 +239,39 @@ def test_cli_profile_bad_combinations(cli, args):
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), err
+
+
+def test_cli_profile_opens_a_checkpoint_as_decode_does(cli, tiny_ckpt, tmp_path):
+    """--ckpt goes through open_backend: torch and torch-fast on the checkpoint, in turns, one report."""
+    out = tmp_path / "ckpt.json"
+    code, stdout, err = cli("profile", "--ckpt", tiny_ckpt, "--backend", "torch,torch-fast", "--repeats", "1",
+                            "--warmup", "0", "--json", out)  # fmt: skip
+    assert code == 0, err
+    assert "torch-fast ms" in stdout and "torch-fast/torch" in stdout
+    report = json.loads(out.read_text())
+    assert [r["backend"] for r in report["results"]] == ["torch", "torch-fast"]
+    assert report["settings"]["source"] == {"preset": None, "ckpt": str(tiny_ckpt), "engine": None}
+    assert report["results"][1]["paired_ratio"]["to"] == "torch"
+
+
+def test_cli_profile_tensorrt_without_tensorrt_says_so_in_one_line(cli, tiny_bundle):
+    if importlib.util.find_spec("tensorrt") or importlib.util.find_spec("tensorrt_lean"):
+        pytest.skip("TensorRT is installed here")
+    code, _, err = cli("profile", "--engine", tiny_bundle, "--backend", "tensorrt", "--repeats", "1")
+    assert code == 2  # a missing optional dependency, as decode --backend tensorrt
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the tensorrt backend needs TensorRT"), err
+
+
+def test_profile_plan_runs_what_the_sources_allow():
+    from mindhier_rt.profile_plan import ProfileSources, plan_backends
+
+    both = ProfileSources(ckpt=Path("m.safetensors"), engine=Path("b"))
+    assert plan_backends(both, None, None) == ["torch", "onnxruntime"]
+    assert plan_backends(ProfileSources(engine=Path("b")), "tensorrt,onnxruntime", None) == ["tensorrt", "onnxruntime"]
+    assert plan_backends(ProfileSources(preset="tiny"), "torch-fast,onnxruntime", Path("d")) == [
+        "torch-fast",
+        "onnxruntime",
+    ]
+    with pytest.raises(InputError, match="tensorrt runs built plans"):
+        plan_backends(ProfileSources(ckpt=Path("m.safetensors")), "tensorrt", None)

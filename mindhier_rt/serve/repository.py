@@ -64,6 +64,40 @@ class RepositorySpec:
             raise InputError(f"GPU ids must be >= 0, got {list(self.gpus)}")
 
 
+def gpu_ids(gpus: str | None, device: str) -> tuple[int, ...]:
+    """The GPUs of the model instances: ``gpus`` ("0,1") if given, else the one of ``device`` (cpu: none)."""
+    if gpus:
+        try:
+            return tuple(int(g) for g in gpus.split(","))
+        except ValueError as e:
+            raise InputError(f"--gpus takes GPU ids like 0,1; got {gpus!r}") from e
+    kind, _, index = device.partition(":")
+    if device == "cpu":
+        return ()
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise InputError(f"--device takes cpu, cuda or cuda:N; got {device!r}")
+    return (int(index) if index else 0,)
+
+
+def repository_spec(
+    engine: Path | None,
+    ckpt: Path | None,
+    backend: str | None,
+    device: str,
+    gpus: str | None,
+    max_batch: int,
+    instances: int,
+    max_samples: int,
+) -> RepositorySpec:
+    """The spec of ``serve`` / ``export-triton`` options; a request's scans ride on Triton's batch axis, which
+    ``max_batch`` bounds."""
+    limits = Limits(max_scans=max_batch, max_samples=max_samples, max_rows=max(max_samples, 16))
+    return RepositorySpec(
+        engine=engine, ckpt=ckpt, backend=backend, max_batch=max_batch, instances=instances,
+        gpus=gpu_ids(gpus, device), limits=limits,
+    )  # fmt: skip
+
+
 def _dims(dims: list[int]) -> str:
     return "[ " + ", ".join(map(str, dims)) + " ]"
 

@@ -25,11 +25,15 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mindhier_rt.errors import BackendError, MissingDependencyError
+from mindhier_rt.errors import BackendError, MindhierError, MissingDependencyError
+
+if TYPE_CHECKING:
+    from mindhier_rt.serve.repository import RepositorySpec
 
 log = logging.getLogger(__name__)
 
@@ -186,3 +190,32 @@ def running(
             yield server
         finally:
             server.stop()
+
+
+def serve_until_signal(spec: RepositorySpec, ports: Ports, host: str, on_ready: Callable[[RunningServer], None]) -> int:
+    """``serve``: a server on a repository of ``spec`` until SIGINT or SIGTERM (``on_ready`` is called once its
+    models are ready); the requests in flight finish first. Returns tritonserver's exit code; MindhierError if
+    the server exits on its own."""
+    from mindhier_rt.serve.repository import MODEL, PROGRESSIVE_MODEL, write_repository
+
+    stop: dict[str, int | None] = {"signal": None}
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop["signal"] = signum
+
+    with tempfile.TemporaryDirectory(prefix="mindhier-serve-") as work:
+        repo = write_repository(spec, Path(work) / "repository", copy=False)
+        server = start_server(repo, ports, Path(work), host=host)
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            wait_ready(server, [MODEL, PROGRESSIVE_MODEL])
+            on_ready(server)
+            while stop["signal"] is None and server.process.poll() is None:
+                time.sleep(0.2)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            code = server.stop()
+        if stop["signal"] is None:
+            raise MindhierError(f"tritonserver exited with code {code}:\n{server.log_tail()}")
+    return code
