@@ -32,7 +32,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mindhier_rt.bundle import Bundle
+from mindhier_rt.bundle import Bundle, GraphSpec
 from mindhier_rt.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -119,8 +119,9 @@ def load_graph_structure(bundle: Bundle, rel: str) -> onnx.ModelProto:
     return onnx.load(str(bundle.path(rel)), load_external_data=False)
 
 
-def derive_plugin_graph(bundle: Bundle, graph: str, head_dim: int) -> Path:
-    """Write ``<graph>_attention_plugin.onnx`` next to ``graph``'s ONNX with its attentions as plugin nodes.
+def derive_plugin_graph(bundle: Bundle, entry: GraphSpec, head_dim: int) -> Path:
+    """Write ``<graph>_attention_plugin.onnx`` next to the graph's ONNX with its attentions as plugin nodes
+    (``entry``: the graph, also one this build derived and has not recorded yet).
 
     Returns the path. Raises ConfigError when the graph has no attention to rewrite.
     """
@@ -129,12 +130,11 @@ def derive_plugin_graph(bundle: Bundle, graph: str, head_dim: int) -> Path:
 
     from mindhier_rt.export.checks import GraphCheckError
 
-    entry = bundle.manifest["graphs"][graph]
-    model = load_graph_structure(bundle, entry["file"])
+    model = load_graph_structure(bundle, entry.file)
     g = model.graph
     chains = find_attentions(g)
     if not chains:
-        raise ConfigError(f"{entry['file']}: no unmasked attention to run as the plugin")
+        raise ConfigError(f"{entry.file}: no unmasked attention to run as the plugin")
     drop = {id(node) for chain in chains for node in chain["nodes"]}
     first_of = {id(chain["nodes"][0]): chain for chain in chains}
     nodes = []
@@ -153,7 +153,7 @@ def derive_plugin_graph(bundle: Bundle, graph: str, head_dim: int) -> Path:
     del g.node[:]
     g.node.extend(nodes)
     model.opset_import.append(helper.make_opsetid(PLUGIN_NAMESPACE, 1))
-    out = bundle.path(plugin_graph_file(graph))
+    out = bundle.path(plugin_graph_file(entry.name))
     onnx.save(model, str(out))
     try:  # the plugin's domain has no schema: check the structure, not the custom node
         onnx.checker.check_model(str(out), full_check=False)
