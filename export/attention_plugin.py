@@ -17,13 +17,8 @@ that is ``kernels.scale_attention``'s single-range kernel. This module puts it i
    as expressions of the input shapes, grid (ceil(Lq / BLOCK_M), B * H), and the kernel's integer arguments
    (heads, Lq, Lk). The plan embeds the PTX, so engines run without Python or Triton, C++ hosts included.
 
-The plain ONNX attention stays the default: the plugin is a build option whose benefit has to be measured on
-a GPU with TensorRT against TensorRT's own fused attention. What has been checked here (tests/test_tensorrt.py,
-tests/test_kernels.py): the rewrite of exported graphs of every attention mode, the kernel against the PyTorch
-reference under Triton's interpreter, and its ahead-of-time compilation to sm_90 PTX. Not checked anywhere yet:
-building or running a plan with the plugin (no machine here has TensorRT's builder), and how TensorRT's AOT
-launcher treats the two pointer parameters Triton >= 3.3 appends to every kernel (global and profile scratch;
-this kernel uses no scratch memory, ``CompiledKernel.scratch_bytes`` is 0).
+The plain ONNX attention stays the default: the plugin is a build option. What has and has not been checked of
+it is recorded in ``benchmarks/results/tensorrt_attention_plugin_checks.md``.
 """
 
 from __future__ import annotations

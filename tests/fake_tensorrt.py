@@ -238,7 +238,7 @@ class HostMemory:
         raise AssertionError(f"{ptr:#x} outside the buffers")
 
     def view(self, ptr, shape, dtype):
-        from mindhier_rt.runtime.tensorrt_backend import TORCH_DTYPES
+        from mindhier_rt.runtime.device_memory import TORCH_DTYPES
 
         return self._bytes(ptr, math.prod(shape) * ITEMSIZE[dtype]).view(TORCH_DTYPES[dtype]).view(shape)
 

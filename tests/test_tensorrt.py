@@ -630,3 +630,71 @@ def test_binding_plan_of_a_per_token_context_map(tiny_export, tmp_path):
         assert list(got) == list(sched.segment_of_token[sched.scale_slice(i)])
     (upload,) = [t for t in json.loads(json.dumps(plan.to_dict()))["tables"] if t["table"] == "cross_segment"]
     assert upload["layout"] == [list(r) for r in plan.segment_layout]
+
+
+# ---- what the double refuses, as TensorRT does ------------------------------------------------------------
+def _rewrite_plan(root, change) -> None:
+    from mindhier_rt.bundle import write_manifest
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    change(manifest["tensorrt"])
+    for key in ("format", "format_version", "files"):
+        manifest.pop(key)
+    write_manifest(root, manifest)
+
+
+def test_double_refuses_shapes_outside_a_profile(bundle_copy, tmp_path):
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("scale_local").root, root)
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder())
+    backend = fake_backend(Bundle.open(root))
+    encoder = backend.engines["encoder_subj01"]
+    encoder.set_rows(0, "voxels", (1, 96))  # min 1 .. max 2 scans
+    with pytest.raises(BackendError, match=r"does not admit voxels \(3, 96\)"):
+        encoder.set_rows(0, "voxels", (3, 96))
+    with pytest.raises(BackendError, match="does not admit"):
+        backend.engines["context"].set_rows(0, "pooled", (7, 32))  # static profile: 8 rows only
+    context = backend.engines[STEP_GRAPH].contexts[1]
+    assert not context.set_input_shape("h", (8, 1, 64))  # scale 0's token count in scale 1's profile
+
+
+def test_double_refuses_an_output_over_an_input_it_does_not_alias(bundle_copy, tmp_path):
+    """A plan that binds update_0's f_hat_next over its f_hat (in place, without TensorRT aliasing them) is
+    refused when it runs; the in-place cache, which the engine aliases, runs (test_backend_decodes_like_onnxruntime)."""
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("scale_local").root, root)
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder())
+
+    def in_place_update(plan: dict) -> None:
+        bindings = {b["name"]: b for b in plan["bindings"]["update_0"]}
+        bindings["f_hat_next"]["buffer"] = list(bindings["f_hat"]["buffer"])
+        bindings["f_hat_next"]["offsets"] = list(bindings["f_hat"]["offsets"])
+
+    _rewrite_plan(root, in_place_update)
+    backend = fake_backend(Bundle.open(root))
+    with pytest.raises(BackendError, match="output f_hat_next overlaps f_hat"):
+        reconstruct(backend, torch.zeros(1, 96), "subj01", SamplingConfig(seed=1))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t["bindings"]["context"][0]["offsets"].__setitem__(0, 1 << 20), "a place inside buffer"),
+        (lambda t: t["bindings"]["context"][0]["offsets"].__setitem__(0, 8), "a multiple of 256"),
+        (lambda t: t["bindings"]["context"][0]["buffer"].__setitem__(0, "nowhere"), "a buffer in tensorrt.buffers"),
+        (lambda t: t["bindings"]["context"][0].__setitem__("name", "mystery"), "each input and output of graph"),
+        (lambda t: t["buffers"].__setitem__("context.pooled", -1), "an integer >= 0"),
+        (lambda t: t.__setitem__("plan_version", 1), "plan version 1 is not supported"),
+        (lambda t: t["tables"][0]["layout"].append([0, 1 << 20, 0]), "a place inside buffer"),
+    ],
+    ids=["offset", "alignment", "buffer", "tensor", "size", "version", "table"],
+)
+def test_hostile_plans_are_refused_when_read(bundle_copy, tmp_path, change, message):
+    from mindhier_rt.errors import BundleError
+
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("scale_local").root, root)
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder())
+    _rewrite_plan(root, change)
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(root)

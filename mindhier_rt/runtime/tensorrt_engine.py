@@ -88,10 +88,7 @@ class TensorRTEngine:
         strategy = self.module.ExecutionContextAllocationStrategy.USER_MANAGED
         for p in range(self.n_profiles):
             ctx = self.engine.create_execution_context(strategy)
-            if hasattr(ctx, "set_device_memory"):
-                ctx.set_device_memory(scratch, scratch_bytes)
-            else:  # TensorRT 10.0
-                ctx.device_memory = scratch
+            ctx.set_device_memory(scratch, scratch_bytes)
             if not ctx.set_optimization_profile_async(p, stream):
                 raise BackendError(f"{self.graph}: could not select optimization profile {p}")
             for name, b in self.table.items():
@@ -103,7 +100,7 @@ class TensorRTEngine:
             for name, b in self.table.items():
                 if b.is_input:
                     continue
-                shape = tuple(ctx.get_tensor_shape(name))
+                shape = tuple(int(d) for d in ctx.get_tensor_shape(name)[:])  # Dims: a tuple by slicing
                 if shape != b.shapes[p]:
                     raise PlanMismatchError(
                         f"plan of {self.graph}: {name} has shape {shape} in profile {p}, the binding plan expects "
