@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mindhier_rt.bundle import Bundle, GraphSpec, write_manifest
 from mindhier_rt.bundle import tensor_names as tn
@@ -55,6 +55,9 @@ from mindhier_rt.export.tensorrt_policy import (
 )
 from mindhier_rt.io import atomic_write_bytes
 from mindhier_rt.runtime.tensorrt_compat import INSTALL_TENSORRT
+
+if TYPE_CHECKING:  # the published type stubs (tests/test_tensorrt_types.py checks this module against them)
+    import tensorrt as trt_api
 
 log = logging.getLogger(__name__)
 
@@ -179,12 +182,12 @@ class TensorRTPlanBuilder:
         name, cc = require_gpu("building TensorRT plans")
         weak = frozenset(p for p, flag in (("fp16", "FP16"), ("bf16", "BF16")) if hasattr(trt.BuilderFlag, flag))
         self.env = BuildEnvironment(trt.__version__, name, cc, weak)
-        self.logger = trt.Logger(getattr(trt.Logger, log_level))
-        self.builder = trt.Builder(self.logger)
+        self.logger: trt_api.Logger = trt.Logger(getattr(trt.Logger, log_level))
+        self.builder: trt_api.Builder = trt.Builder(self.logger)
         self.timing_cache_path = timing_cache or default_timing_cache(self.env)
         blob = self.timing_cache_path.read_bytes() if self.timing_cache_path.is_file() else b""
-        self._cache_config = self.builder.create_builder_config()
-        self.timing_cache = self._cache_config.create_timing_cache(blob)
+        self._cache_config: trt_api.IBuilderConfig = self.builder.create_builder_config()
+        self.timing_cache: trt_api.ITimingCache = self._cache_config.create_timing_cache(blob)
         log.info("timing cache %s (%d bytes)", self.timing_cache_path, len(blob))
 
     def environment(self) -> BuildEnvironment:
@@ -204,15 +207,15 @@ class TensorRTPlanBuilder:
         strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
         if typing == "strong" and strongly_typed is not None:
             flags |= 1 << int(strongly_typed)  # TensorRT 10; on 11 every network is strongly typed
-        network = self.builder.create_network(flags)
+        network: trt_api.INetworkDefinition = self.builder.create_network(flags)
         if options.attention_plugin and onnx_path.name.endswith(f"{PLUGIN_SUFFIX}.onnx"):
             major, minor = (int(x) for x in self.env.compute_capability.split("."))
             register_plugin((major, minor))  # before parsing: the parser looks the plugin up by name
-        parser = trt.OnnxParser(network, self.logger)
+        parser: trt_api.OnnxParser = trt.OnnxParser(network, self.logger)
         if not parser.parse_from_file(str(onnx_path)):
             errors = "; ".join(_parser_error(parser.get_error(i)) for i in range(parser.num_errors))
             raise BackendError(f"TensorRT's ONNX parser rejected {onnx_path.name}: {errors}")
-        config = self.builder.create_builder_config()
+        config: trt_api.IBuilderConfig = self.builder.create_builder_config()
         if options.workspace_gib is not None:
             config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 2**30))
         config.set_timing_cache(self.timing_cache, False)
@@ -221,9 +224,10 @@ class TensorRTPlanBuilder:
         if options.version_compatible:
             config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
         for shapes in profiles:
-            profile = self.builder.create_optimization_profile()
+            profile: trt_api.IOptimizationProfile = self.builder.create_optimization_profile()
             for name, s in shapes.items():
-                profile.set_shape(name, s["min"], s["opt"], s["max"])
+                low, opt, high = (trt.Dims(s[k]) for k in ("min", "opt", "max"))  # the stubs type these as Dims
+                profile.set_shape(name, low, opt, high)
             config.add_optimization_profile(profile)
         serialized = self.builder.build_serialized_network(network, config)
         if serialized is None:

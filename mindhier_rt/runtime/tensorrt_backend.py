@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from mindhier_rt.runtime.tensorrt_compat import (
     load_tensorrt_runtime,
 )
 from mindhier_rt.runtime.tensorrt_engine import TensorRTEngine
+
+if TYPE_CHECKING:  # the published type stubs (tests/test_tensorrt_types.py checks this module against them)
+    import tensorrt as trt_api
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +117,8 @@ class TensorRTBackend:
         self.dtype = self.bundle.spec.dtype
         self.cuda_graphs = cuda_graphs
         self.trt = trt
-        self.logger = trt.Logger(getattr(trt.Logger, log_level))
-        self.runtime = trt.Runtime(self.logger)
+        self.logger: trt_api.Logger = trt.Logger(getattr(trt.Logger, log_level))
+        self.runtime: trt_api.Runtime = trt.Runtime(self.logger)
         if all(plans[g].version_compatible for g in self.plan.graphs):
             self.runtime.engine_host_code_allowed = True  # version-compatible plans embed their lean runtime
         self.buffers = {name: self.memory.alloc(nbytes) for name, nbytes in self.plan.buffers.items()}
