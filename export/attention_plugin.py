@@ -17,13 +17,8 @@ that is ``kernels.scale_attention``'s single-range kernel. This module puts it i
    as expressions of the input shapes, grid (ceil(Lq / BLOCK_M), B * H), and the kernel's integer arguments
    (heads, Lq, Lk). The plan embeds the PTX, so engines run without Python or Triton, C++ hosts included.
 
-The plain ONNX attention stays the default: the plugin is a build option whose benefit has to be measured on
-a GPU with TensorRT against TensorRT's own fused attention. What has been checked here (tests/test_tensorrt.py,
-tests/test_kernels.py): the rewrite of exported graphs of every attention mode, the kernel against the PyTorch
-reference under Triton's interpreter, and its ahead-of-time compilation to sm_90 PTX. Not checked anywhere yet:
-building or running a plan with the plugin (no machine here has TensorRT's builder), and how TensorRT's AOT
-launcher treats the two pointer parameters Triton >= 3.3 appends to every kernel (global and profile scratch;
-this kernel uses no scratch memory, ``CompiledKernel.scratch_bytes`` is 0).
+The plain ONNX attention stays the default: the plugin is a build option. What has and has not been checked of
+it is recorded in ``benchmarks/results/tensorrt_attention_plugin_checks.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +27,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mindhier_rt.bundle import Bundle
+from mindhier_rt.bundle import Bundle, GraphSpec
 from mindhier_rt.errors import BackendError, ConfigError
 
 if TYPE_CHECKING:
@@ -119,8 +114,9 @@ def load_graph_structure(bundle: Bundle, rel: str) -> onnx.ModelProto:
     return onnx.load(str(bundle.path(rel)), load_external_data=False)
 
 
-def derive_plugin_graph(bundle: Bundle, graph: str, head_dim: int) -> Path:
-    """Write ``<graph>_attention_plugin.onnx`` next to ``graph``'s ONNX with its attentions as plugin nodes.
+def derive_plugin_graph(bundle: Bundle, entry: GraphSpec, head_dim: int) -> Path:
+    """Write ``<graph>_attention_plugin.onnx`` next to the graph's ONNX with its attentions as plugin nodes
+    (``entry``: the graph, also one this build derived and has not recorded yet).
 
     Returns the path. Raises ConfigError when the graph has no attention to rewrite.
     """
@@ -129,12 +125,11 @@ def derive_plugin_graph(bundle: Bundle, graph: str, head_dim: int) -> Path:
 
     from mindhier_rt.export.checks import GraphCheckError
 
-    entry = bundle.manifest["graphs"][graph]
-    model = load_graph_structure(bundle, entry["file"])
+    model = load_graph_structure(bundle, entry.file)
     g = model.graph
     chains = find_attentions(g)
     if not chains:
-        raise ConfigError(f"{entry['file']}: no unmasked attention to run as the plugin")
+        raise ConfigError(f"{entry.file}: no unmasked attention to run as the plugin")
     drop = {id(node) for chain in chains for node in chain["nodes"]}
     first_of = {id(chain["nodes"][0]): chain for chain in chains}
     nodes = []
@@ -153,7 +148,7 @@ def derive_plugin_graph(bundle: Bundle, graph: str, head_dim: int) -> Path:
     del g.node[:]
     g.node.extend(nodes)
     model.opset_import.append(helper.make_opsetid(PLUGIN_NAMESPACE, 1))
-    out = bundle.path(plugin_graph_file(graph))
+    out = bundle.path(plugin_graph_file(entry.name))
     onnx.save(model, str(out))
     try:  # the plugin's domain has no schema: check the structure, not the custom node
         onnx.checker.check_model(str(out), full_check=False)

@@ -1,7 +1,9 @@
 """The C++ host in export/cpp: CMake build, its unit tests, its sampling against the Python reference, its
-manifest checks on a real bundle, and its decode plan executed with onnxruntime against the Python loop.
+manifest checks on a real bundle, and its execution of the plan `mindhier-rt build` records, checked against the
+Python loop: the host runs its whole decode loop on its pipe device, whose graph calls are run here with
+onnxruntime (no planning here: the test only runs the graphs the host asks for, on the bytes it sends).
 
-The TensorRT runner is not compiled here (no TensorRT); it only executes the plan checked below.
+The TensorRT device is not compiled here (no TensorRT); it runs the same loop with engines instead of the pipe.
 """
 
 import json
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fake_tensorrt import FAKE_VERSION, FakePlanBuilder
 
 from mindhier_rt.sampling import SamplingConfig, cfg_combine, guidance_weight, sample_tokens
 
@@ -122,155 +125,178 @@ def test_decode_without_tensorrt_says_so(bundle, host, tmp_path):
     assert "without TensorRT" in res.stderr or "no TensorRT plan" in res.stderr
 
 
-# ---- the decode plan, executed with onnxruntime ----------------------------------------------------
-def execute_plan(plan: dict, bundle: Path, voxels_NV: np.ndarray, sampling: SamplingConfig):
-    """Run the C++ host's plan as its TensorRT runner does (same buffers, offsets, copies, host steps), with
-    onnxruntime sessions instead of engines. Returns tokens per scale [R, l] and images [R, 3, H, W]."""
-    import onnxruntime as ort
-
-    manifest = json.loads((bundle / "manifest.json").read_text())
-    sessions: dict[str, ort.InferenceSession] = {}
-    bufs = {n: np.zeros(b["elements"], np.dtype(b["dtype"])) for n, b in plan["buffers"].items()}
-    for name, file in plan["tables"].items():
-        table = np.load(bundle / file).ravel()
-        bufs[name][: table.size] = table
-    for name, values in plan["int_tables"].items():
-        bufs[name][: len(values)] = values
-    R = plan["cond_rows"]
-    bufs["voxels"][: voxels_NV.size] = voxels_NV.ravel()  # padded rows and voxels.null stay zero
-
-    def view(b: dict) -> np.ndarray:
-        return bufs[b["buffer"]][b["offset"] : b["offset"] + math.prod(b["shape"])].reshape(b["shape"])
-
-    def copy(c: dict) -> None:
-        w = c["width"]
-        for k in range(c["height"]):
-            s, d = c["src_offset"] + k * c["src_pitch"], c["dst_offset"] + k * c["dst_pitch"]
-            bufs[c["dst"]][d : d + w] = bufs[c["src"]][s : s + w]
-
-    def call(c: dict) -> None:
-        for stage in c["stage"]:
-            copy(stage)
-        if c["graph"] not in sessions:
-            sessions[c["graph"]] = ort.InferenceSession(str(bundle / manifest["graphs"][c["graph"]]["file"]))
-        feeds = {b["tensor"]: view(b) for b in c["inputs"]}
-        outs = sessions[c["graph"]].run([b["tensor"] for b in c["outputs"]], feeds)
-        for b, out in zip(c["outputs"], outs, strict=True):
-            assert out.shape == tuple(b["shape"]), (c["graph"], b["tensor"])
-            view(b)[...] = out
-
-    call(plan["encoder"])
-    if plan["encoder_null"] is not None:
-        call(plan["encoder_null"])
-    call(plan["context"])
-    tokens = []
-    for st in plan["scales"]:
-        assert st["weight"] == guidance_weight(sampling, st["scale"], len(plan["scales"]))
-        for c in st["before"]:
-            copy(c)
-        call(st["step"])
-        logits = torch.from_numpy(view(st["step"]["outputs"][0])[: st["rows"]].copy())  # padded rows dropped
-        if st["guided"]:
-            logits = cfg_combine(logits[:R], logits[R:], st["weight"])
-        idx = sample_tokens(logits, sampling, st["scale"], plan["row_scan"], plan["row_sample"])
-        idx_view = view(next(b for b in st["update"]["inputs"] if b["tensor"] == "idx"))
-        idx_view[...] = 0
-        idx_view[:R] = idx.numpy()
-        call(st["update"])
-        for c in st["after"]:
-            copy(c)
-        tokens.append(idx)
-    call(plan["decoder"])
-    return tokens, view(plan["decoder"]["outputs"][0])[:R].copy()
+# ---- the recorded plan, executed by the host with onnxruntime behind its pipe device ---------------
+ORT_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
 
-def with_plans(bundle: Path, folder: Path, scans: int, samples: int) -> Path:
-    """A copy of the bundle with a `plans` section as `mindhier-rt build` writes it for scans x samples with
-    guidance (the plan files are stand-ins: only the profiles matter to the host's planning)."""
-    from mindhier_rt.bundle import write_manifest
+def built(bundle: Path, folder: Path, scans: int, samples: int, version: str = FAKE_VERSION) -> Path:
+    """A copy of the bundle with the plan `mindhier-rt build --batch scans --samples samples` records (the plan
+    files are the TensorRT double's stand-ins: the host here runs the ONNX graphs behind its pipe device)."""
+    from mindhier_rt.export.tensorrt_build import BuildOptions, build_plans
 
     shutil.copytree(bundle, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for key in ("format", "format_version", "files"):
-        manifest.pop(key)
-    rows = {"encoder": scans, "context": 2 * scans * samples, "update": scans * samples, "vq": scans * samples}
-    manifest["plans"] = {}
-    for graph, entry in manifest["graphs"].items():
-        role = graph.split("_")[0]
-        profiles = []
-        for scale in manifest["scales"] if role == "generator" else [None]:
-            sym = {"rows": rows.get(role, 2 * scans * samples)}
-            if scale is not None:
-                sym |= {"tokens": scale["tokens"], "past": scale["past"]}
-            profile = {}
-            for spec in entry["inputs"]:
-                full = [d if isinstance(d, int) else sym[d] for d in spec["shape"]]
-                low = [1 if d == "rows" and role == "encoder" else n for d, n in zip(spec["shape"], full, strict=True)]
-                profile[spec["name"]] = {"min": low, "opt": full, "max": full}
-            profiles.append(profile)
-        (folder / f"{graph}.plan").write_bytes(b"stand-in")
-        manifest["plans"][graph] = {"file": f"{graph}.plan", "profiles": profiles}
-    write_manifest(folder, manifest)
+    build_plans(folder, BuildOptions(scans=scans, samples=samples), builder=FakePlanBuilder(version))
     return folder
 
 
-def test_padded_plan_matches_the_python_decode_loop(bundle, host, tmp_path):
-    """Plans built for 2 scans x 2 samples, guided; a decode of 1 scan x 2 samples whose guidance stops at
-    scale 2 pads the context step, every generator step, the updates and the decoder up to the built rows."""
+def _read_exact(f, n: int) -> bytes:
+    data = f.read(n)
+    assert len(data) == n, "the host closed the pipe mid-tensor"
+    return data
+
+
+def host_decode(host: Path, bundle: Path, voxels: np.ndarray, samples: int, sampling: SamplingConfig, tmp: Path):
+    """``mindhier_host`` decoding through its pipe device: every graph call it makes (with the buffers, offsets
+    and tables of the recorded plan) is run here with onnxruntime. Returns (tokens per scale [R, l], the
+    decoder's float output [R, 3, H, W], the calls made, the host's stdout)."""
+    import onnxruntime as ort
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    np.save(tmp / "voxels.npy", voxels)
+    req_r, req_w = os.pipe()
+    resp_r, resp_w = os.pipe()
+    args = ["--bundle", bundle, "--fmri", tmp / "voxels.npy", "--subject", "subj01", "--out", tmp / "img.ppm"]
+    args += [
+        "--samples",
+        samples,
+        "--seed",
+        sampling.seed,
+        "--cfg-scale",
+        sampling.cfg_scale,
+        "--top-k",
+        sampling.top_k,
+    ]
+    args += ["--cfg-stop", "none" if sampling.cfg_stop is None else sampling.cfg_stop]
+    args += ["--engine-pipe", f"{resp_r},{req_w}"]
+    stdout = (tmp / "host.out").open("w+")
+    proc = subprocess.Popen(
+        [str(host / "mindhier_host"), *map(str, args)], stdout=stdout, stderr=subprocess.PIPE, pass_fds=(resp_r, req_w)
+    )
+    os.close(resp_r), os.close(req_w)
+    sessions: dict[str, ort.InferenceSession] = {}
+    calls, image = [], None
+    with os.fdopen(req_r, "rb") as requests, os.fdopen(resp_w, "wb") as responses:
+        while (line := requests.readline().decode()) and line != "done\n":
+            _, graph, profile, n = line.split()
+            feeds = {}
+            for _ in range(int(n)):
+                name, dtype, ndim, *dims = requests.readline().decode().split()
+                shape = tuple(int(d) for d in dims)
+                assert len(shape) == int(ndim)
+                count = math.prod(shape)
+                raw = _read_exact(requests, count * np.dtype(ORT_DTYPES[dtype]).itemsize)
+                feeds[name] = np.frombuffer(raw, ORT_DTYPES[dtype], count).reshape(shape)
+            if graph not in sessions:
+                sessions[graph] = ort.InferenceSession(str(bundle / manifest["graphs"][graph]["file"]))
+            session = sessions[graph]
+            outs = session.run(None, feeds)
+            calls.append((graph, int(profile)))
+            responses.write(f"outputs {len(outs)}\n".encode())
+            for spec, out in zip(session.get_outputs(), outs, strict=True):
+                out = np.ascontiguousarray(out)
+                dtype = {v: k for k, v in ORT_DTYPES.items()}[out.dtype.type]
+                responses.write(f"{spec.name} {dtype} {out.ndim} {' '.join(map(str, out.shape))}\n".encode())
+                responses.write(out.tobytes())
+                if graph == "vq_decoder":
+                    image = out.astype(np.float32)
+            responses.flush()
+    err = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 0, err
+    stdout.seek(0)
+    out = stdout.read()
+    tokens = [
+        torch.tensor([int(t) for t in line.split(":")[1].split()])
+        for line in out.splitlines()
+        if line.startswith("tokens ")
+    ]
+    return tokens, image, calls, out
+
+
+def check_against_python(host, bundle, plans, scans, samples, sampling, tmp):
+    """The host's decode on the recorded plan gives the Python loop's tokens and images."""
     from mindhier_rt.pipeline import reconstruct
     from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    built = with_plans(bundle, tmp_path / "built", scans=2, samples=2)
-    sampling = SamplingConfig(cfg_scale=4.0, cfg_stop=2, seed=9)
-    res = run_host(
-        host, "--print-plan", built, "--scans", 1, "--samples", 2, "--cfg-scale", 4, "--cfg-stop", 2, "--seed", 9
-    )
-    assert res.returncode == 0, res.stderr
-    plan = json.loads(res.stdout)
-    assert plan["context"]["rows"] == 8 and plan["decoder"]["rows"] == 4
-    assert [st["step"]["rows"] for st in plan["scales"]] == [8, 8, 8, 8]
-    assert [st["rows"] for st in plan["scales"]] == [4, 4, 2, 2]
-    assert [st["step"]["profile"] for st in plan["scales"]] == [0, 1, 2, 3]
-    voxels = np.random.default_rng(1).standard_normal((1, 96)).astype(np.float32)
-    tokens, images = execute_plan(plan, built, voxels, sampling)
-    ref = reconstruct(OnnxRuntimeBackend(bundle), torch.from_numpy(voxels), "subj01", sampling, samples=2)
+    voxels = np.random.default_rng(scans * 10 + samples).standard_normal((scans, 96)).astype(np.float32)
+    tokens, image, calls, _ = host_decode(host, plans, voxels, samples, sampling, tmp)
+    ref = reconstruct(OnnxRuntimeBackend(bundle), torch.from_numpy(voxels), "subj01", sampling, samples=samples)
+    R = scans * samples
     for i, (got, want) in enumerate(zip(tokens, ref.tokens, strict=True)):
-        assert torch.equal(got, want.reshape(2, -1)), f"scale {i}"
-    np.testing.assert_allclose(images, ref.images_NS3HW.reshape(2, *images.shape[1:]).numpy(), atol=1e-4)
+        assert torch.equal(got.reshape(R, -1), want.reshape(R, -1)), f"scale {i}"
+    want_images = ref.images_NS3HW.reshape(R, *ref.images_NS3HW.shape[2:]).numpy()
+    np.testing.assert_allclose(image[:R], want_images, atol=1e-4)  # rows past R: padding, computed and ignored
+    return calls
 
-    res = run_host(host, "--print-plan", built, "--scans", 3)
-    assert res.returncode == 1 and "was built for 1..2 rows, this decode needs 3" in res.stderr
+
+def test_print_plan_is_the_recorded_plan(bundle, host, tmp_path):
+    """One plan: what the host reads (and checks) is exactly what `build` recorded for the Python backend."""
+    plans = built(bundle, tmp_path / "built", scans=2, samples=2)
+    res = run_host(host, "--print-plan", plans)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout) == json.loads((plans / "manifest.json").read_text())["tensorrt"]
+    res = run_host(host, "--check-bundle", plans)
+    assert res.returncode == 0 and "ping_pong self cache" not in res.stdout and "in_place self cache" in res.stdout
+    res = run_host(host, "--print-plan", bundle)  # an ONNX-only bundle has none
+    assert res.returncode == 1 and "no TensorRT plans" in res.stderr
+
+
+def test_padded_plan_matches_the_python_decode_loop(bundle, host, tmp_path):
+    """Plans built for 2 scans x 2 samples, guided; a decode of 1 scan x 2 samples whose guidance stops at scale 2
+    runs every call at the built rows, each step with the profile of its scale."""
+    plans = built(bundle, tmp_path / "built", scans=2, samples=2)
+    sampling = SamplingConfig(cfg_scale=4.0, cfg_stop=2, seed=9)
+    calls = check_against_python(host, bundle, plans, 1, 2, sampling, tmp_path)
+    steps = [p for g, p in calls if g.startswith("generator_step")]
+    assert steps == [0, 1, 2, 3]
+    assert [g for g, _ in calls].count("encoder_subj01") == 2  # the scan, and the all-zero scan
+    voxels = np.zeros((3, 96), np.float32)
+    np.save(tmp_path / "three.npy", voxels)
+    res = run_host(host, "--bundle", plans, "--fmri", tmp_path / "three.npy", "--subject", "subj01", "--out",
+                   tmp_path / "x.ppm", "--engine-pipe", "0,1")  # fmt: skip
+    assert res.returncode == 1 and "the plans were built for 2 x 2" in res.stderr and "--batch" in res.stderr
 
 
 @pytest.mark.parametrize(
-    "scans, samples, sampling, align",
+    "scans, samples, sampling, version",
     [
-        (2, 2, SamplingConfig(cfg_scale=4.0, cfg_stop=2, seed=3), 256),  # guidance stops: row compaction
-        (1, 1, SamplingConfig(seed=5, top_k=10), 1024),  # guided throughout; misaligned segments are staged
-        (2, 1, SamplingConfig(cfg_scale=0.0, seed=7), 256),  # never guided: one batch size
+        (2, 2, SamplingConfig(cfg_scale=4.0, cfg_stop=2, seed=3), FAKE_VERSION),  # guidance stops; in-place cache
+        (1, 1, SamplingConfig(seed=5, top_k=10), "10.14.1.48"),  # guided throughout; ping-pong cache
+        (2, 1, SamplingConfig(cfg_scale=0.0, seed=7), FAKE_VERSION),  # never guided
     ],
-    ids=["cfg-stop", "guided-staged", "unguided"],
+    ids=["cfg-stop", "guided-ping-pong", "unguided"],
 )
-def test_plan_matches_the_python_decode_loop(bundle, host, scans, samples, sampling, align):
+def test_plan_matches_the_python_decode_loop(bundle, host, tmp_path, scans, samples, sampling, version):
+    plans = built(bundle, tmp_path / "built", scans=scans, samples=samples, version=version)
+    check_against_python(host, bundle, plans, scans, samples, sampling, tmp_path)
+
+
+def test_copied_segments_match_the_python_decode_loop(bundle, host, tmp_path):
+    """An input the plan copies into place before each run (``copy_from``: what `build` records for a context
+    segment whose offset is not 256-byte aligned) is executed by the host and by the Python backend alike."""
+    from fake_tensorrt import fake_backend
+
+    from mindhier_rt.bundle import Bundle, write_manifest
     from mindhier_rt.pipeline import reconstruct
+
+    plans = built(bundle, tmp_path / "built", scans=1, samples=1)
+    manifest = json.loads((plans / "manifest.json").read_text())
+    trt = manifest["tensorrt"]
+    step = next(b for b in trt["bindings"][trt["step_graph"]] if b["name"] == "cross.1.value")
+    size = max(math.prod(s) for s in step["shapes"]) * 4
+    step["copy_from"] = [[b, o] for b, o in zip(step["buffer"], step["offsets"], strict=True)]
+    step["buffer"], step["offsets"] = ["step.cross.1.value"] * len(step["shapes"]), [0] * len(step["shapes"])
+    trt["buffers"]["step.cross.1.value"] = -(-size // 256) * 256
+    for key in ("format", "format_version", "files"):
+        manifest.pop(key)
+    write_manifest(plans, manifest)
+    sampling = SamplingConfig(seed=4)
+    check_against_python(host, bundle, plans, 1, 1, sampling, tmp_path)
+    voxels = torch.from_numpy(np.random.default_rng(11).standard_normal((1, 96)).astype(np.float32))
     from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-    args = ["--print-plan", bundle, "--subject", "subj01", "--scans", scans, "--samples", samples]
-    args += ["--seed", sampling.seed, "--cfg-scale", sampling.cfg_scale, "--top-k", sampling.top_k]
-    args += ["--cfg-stop", "none" if sampling.cfg_stop is None else sampling.cfg_stop, "--align", align]
-    res = run_host(host, *args)
-    assert res.returncode == 0, res.stderr
-    plan = json.loads(res.stdout)
-    if align == 1024:
-        assert any(c["src"].startswith("cross.") for st in plan["scales"] for c in st["step"]["stage"])
-    voxels = np.random.default_rng(0).standard_normal((scans, 96)).astype(np.float32)
-    tokens, images = execute_plan(plan, bundle, voxels, sampling)
-
-    ref = reconstruct(OnnxRuntimeBackend(bundle), torch.from_numpy(voxels), "subj01", sampling, samples=samples)
-    for i, (got, want) in enumerate(zip(tokens, ref.tokens, strict=True)):
-        assert torch.equal(got, want.reshape(scans * samples, -1)), f"scale {i}"
-    want_images = ref.images_NS3HW.reshape(scans * samples, *images.shape[1:]).numpy()
-    np.testing.assert_allclose(images, want_images, atol=1e-4)
+    got = reconstruct(fake_backend(Bundle.open(plans)), voxels, "subj01", sampling)
+    ref = reconstruct(OnnxRuntimeBackend(bundle), voxels, "subj01", sampling)
+    assert all(torch.equal(a, b) for a, b in zip(got.tokens, ref.tokens, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -281,41 +307,97 @@ def reference_map_bundle(build_started, tiny_export) -> Path:
 
 
 @pytest.mark.parametrize(
-    "scans, samples, sampling, align",
-    [(2, 2, SamplingConfig(cfg_scale=4.0, cfg_stop=2, seed=3), 256), (1, 1, SamplingConfig(seed=5), 1024)],
-    ids=["cfg-stop", "guided-staged"],
+    "scans, samples, sampling",
+    [(2, 2, SamplingConfig(cfg_scale=4.0, cfg_stop=2, seed=3)), (1, 1, SamplingConfig(seed=5))],
+    ids=["cfg-stop", "guided"],
 )
-def test_reference_map_plan_matches_the_python_decode_loop(reference_map_bundle, host, scans, samples, sampling, align):
-    """The host feeds cross.segment from the bundle's table and the whole context to every step; its plan,
-    executed with onnxruntime, gives the Python loop's tokens and images."""
-    from mindhier_rt.pipeline import reconstruct
-    from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
-
+def test_reference_map_plan_matches_the_python_decode_loop(
+    reference_map_bundle, host, tmp_path, scans, samples, sampling
+):
+    """The plan places cross.segment from the bundle's table and binds the whole context to every step; the host
+    executing it gives the Python loop's tokens and images."""
     bundle = reference_map_bundle
     res = run_host(host, "--check-bundle", bundle, "--subject", "subj01")
     assert res.returncode == 0, res.stderr
-    args = ["--print-plan", bundle, "--subject", "subj01", "--scans", scans, "--samples", samples]
-    args += ["--seed", sampling.seed, "--cfg-scale", sampling.cfg_scale, "--top-k", sampling.top_k]
-    args += ["--cfg-stop", "none" if sampling.cfg_stop is None else sampling.cfg_stop, "--align", align]
-    res = run_host(host, *args)
-    assert res.returncode == 0, res.stderr
-    plan = json.loads(res.stdout)
-    assert plan["tables"]["cross.segment"] == "cross_segment.npy"
+    plans = built(bundle, tmp_path / "built", scans=scans, samples=samples)
+    plan = json.loads((plans / "manifest.json").read_text())["tensorrt"]
+    (segment,) = [t for t in plan["tables"] if t["table"] == "cross_segment"]
     offsets = json.loads((bundle / "manifest.json").read_text())["schedule"]["offsets"]
-    for st in plan["scales"]:
-        seg = next(b for b in st["step"]["inputs"] if b["tensor"] == "cross.segment")
-        assert seg["shape"] == [st["tokens"]]
-        staged = [c for c in st["step"]["stage"] if c["src"] == "cross.segment"]
-        assert (staged[0]["src_offset"] if staged else seg["offset"]) == offsets[st["scale"]]
-        key = next(b for b in st["step"]["inputs"] if b["tensor"] == "cross.0.key")
-        assert key["buffer"] == "cross.0.key" and key["offset"] == 0 and key["shape"][2] == 2 * 5  # M * T
-    voxels = np.random.default_rng(2).standard_normal((scans, 96)).astype(np.float32)
-    tokens, images = execute_plan(plan, bundle, voxels, sampling)
-    ref = reconstruct(OnnxRuntimeBackend(bundle), torch.from_numpy(voxels), "subj01", sampling, samples=samples)
-    for i, (got, want) in enumerate(zip(tokens, ref.tokens, strict=True)):
-        assert torch.equal(got, want.reshape(scans * samples, -1)), f"scale {i}"
-    want_images = ref.images_NS3HW.reshape(scans * samples, *images.shape[1:]).numpy()
-    np.testing.assert_allclose(images, want_images, atol=1e-4)
+    assert [row[0] for row in segment["layout"]] == offsets[:-1]
+    key = next(b for b in plan["bindings"][plan["step_graph"]] if b["name"] == "cross.0.key")
+    assert set(key["offsets"]) == {0} and key["shapes"][0][2] == 2 * 5  # M * T: the whole context
+    check_against_python(host, bundle, plans, scans, samples, sampling, tmp_path)
+
+
+# ---- hostile plans: one clear line, never an out-of-bounds access ------------------------------------
+def _hostile(plans: Path, folder: Path, change) -> Path:
+    from mindhier_rt.bundle import write_manifest
+
+    shutil.copytree(plans, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    change(manifest["tensorrt"])
+    for key in ("format", "format_version", "files"):
+        manifest.pop(key)
+    write_manifest(folder, manifest)
+    return folder
+
+
+def _first(plan: dict, graph: str = "context") -> dict:
+    return plan["bindings"][graph][0]
+
+
+HOSTILE = {
+    "offset past the buffer": (lambda t: _first(t)["offsets"].__setitem__(0, 1 << 20), "do not fit in buffer"),
+    "misaligned offset": (lambda t: _first(t)["offsets"].__setitem__(0, 8), "not a multiple of 256"),
+    "unknown buffer": (lambda t: _first(t)["buffer"].__setitem__(0, "nowhere"), 'no buffer "nowhere"'),
+    "huge shape": (lambda t: _first(t)["shapes"].__setitem__(0, [1 << 30, 1 << 30, 1 << 30]), "larger than 2^48"),
+    "negative size": (lambda t: t["buffers"].__setitem__("context.pooled", -1), "expected a buffer size"),
+    "profile count": (lambda t: _first(t)["shapes"].append([1]), "one entry per profile"),
+    "copy source past the buffer": (
+        lambda t: _first(t).__setitem__("copy_from", [["context.pooled", 1 << 40]]),
+        "do not fit in buffer",
+    ),
+    "fill past the buffer": (
+        lambda t: t["fills"].append(
+            {"buffer": "context.pooled", "offset": 0, "value": 1, "count": 1 << 30, "dtype": "int64"}
+        ),
+        "do not fit in buffer",
+    ),
+    "table rows past the buffer": (lambda t: t["tables"][0]["layout"].append([0, 1 << 20, 0]), "do not fit in buffer"),
+    "unknown tensor": (lambda t: _first(t).__setitem__("name", "mystery"), "not the graph's inputs and outputs"),
+    "old plan version": (lambda t: t.pop("plan_version"), "TensorRT plan version (none) is not supported"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_hostile_plans_fail_in_one_line(bundle, host, tmp_path, case):
+    from mindhier_rt.bundle import Bundle
+    from mindhier_rt.errors import BundleError
+
+    plans = built(bundle, tmp_path / "built", scans=1, samples=1)
+    change, message = HOSTILE[case]
+    bad = _hostile(plans, tmp_path / "bad", change)
+    for mode in ("--print-plan", "--check-bundle"):
+        res = run_host(host, mode, bad)
+        assert res.returncode == 1 and res.stderr.strip().count("\n") == 0, res.stderr
+        assert message in res.stderr, res.stderr
+    with pytest.raises(BundleError):  # the Python reader refuses the same plan
+        Bundle.open(bad)
+
+
+def test_tensor_names_agree_between_python_and_cpp():
+    """mindhier_rt/bundle/tensor_names.py and export/cpp/tensor_names.hpp name the same tensors."""
+    import re
+
+    from mindhier_rt.bundle import tensor_names
+
+    header = (CPP / "tensor_names.hpp").read_text()
+    cpp = dict(re.findall(r'constexpr const char\* k(\w+) = "([^"]*)";', header))
+    python = {k: v for k, v in vars(tensor_names).items() if k.isupper() and isinstance(v, str)}
+    assert cpp, "no names in tensor_names.hpp"
+    for name, value in cpp.items():
+        snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).upper()
+        assert python.get(snake) == value, (name, value, python.get(snake))
 
 
 # ---- sampling against the Python reference ---------------------------------------------------------

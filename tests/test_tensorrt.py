@@ -9,9 +9,7 @@ against the onnxruntime backend. Tests that need TensorRT and a GPU are marked `
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import enum
 import json
 import math
 import shutil
@@ -23,39 +21,38 @@ import torch
 
 pytest.importorskip("onnxruntime")
 
-from mindhier_rt.bundle import Bundle
+from fake_tensorrt import FAKE_VERSION, FakePlanBuilder, FakeTensorRT, HostMemory, fake_backend
+
+from mindhier_rt.bundle import Bundle, PlanSpec, parse_manifest
+from mindhier_rt.bundle.tensor_names import KV_STEP_GRAPH as KV_GRAPH
+from mindhier_rt.bundle.tensor_names import STEP_GRAPH
+from mindhier_rt.bundle.tensorrt_plan import ALIGNMENT, ITEMSIZE
 from mindhier_rt.errors import BackendError, ConfigError, MissingDependencyError
 from mindhier_rt.export import attention_plugin
-from mindhier_rt.export.tensorrt_build import (
-    ALIGNMENT,
-    HAS_TENSORRT,
-    ITEMSIZE,
-    KV_GRAPH,
-    STEP_GRAPH,
-    BuildEnvironment,
-    BuildOptions,
-    PlanMismatchError,
-    RuntimeEnvironment,
+from mindhier_rt.export.kv_step_graph import derive_kv_step_graph
+from mindhier_rt.export.tensorrt_build import HAS_TENSORRT, BuildOptions, build_plans
+from mindhier_rt.export.tensorrt_plan import (
     binding_plan,
-    build_plans,
-    check_plan_metadata,
-    choose_self_cache,
-    choose_typing,
-    derive_kv_step_graph,
     graph_symbols,
     plan_profiles,
     resolve_dim,
     row_counts,
     tensor_shape,
-    version_tuple,
+    with_graph,
 )
+from mindhier_rt.export.tensorrt_policy import BuildEnvironment, choose_self_cache, choose_typing
 from mindhier_rt.pipeline import reconstruct
 from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from mindhier_rt.runtime.tensorrt_backend import TensorRTBackend
+from mindhier_rt.runtime.tensorrt_compat import (
+    PlanMismatchError,
+    RuntimeEnvironment,
+    check_plan_metadata,
+    version_tuple,
+)
 from mindhier_rt.sampling import SamplingConfig
 
 MODES = ["scale_local", "block_causal"]
-FAKE_VERSION = "10.15.1.29"  # has TensorScatter: in-place caches
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +85,8 @@ def test_dims_and_versions():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_one_static_profile_per_scale(bundle_copy, mode):
-    manifest = bundle_copy(mode).manifest
-    sched = manifest["schedule"]
+    bundle = bundle_copy(mode)
+    manifest, sched = bundle.spec, bundle.manifest["schedule"]
     rows = row_counts(manifest)
     assert (rows.scans, rows.samples, rows.guided, rows.rows, rows.sample_rows) == (2, 2, True, 8, 4)
     profiles = plan_profiles(manifest, "generator_step", rows)
@@ -147,8 +144,8 @@ def _check_plan(manifest, plan) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_binding_plan_shares_buffers_between_graphs(bundle_copy, mode):
-    manifest = bundle_copy(mode).manifest
-    sched = manifest["schedule"]
+    bundle = bundle_copy(mode)
+    manifest, sched = bundle.spec, bundle.manifest["schedule"]
     K = sched["n_scales"]
     plan = binding_plan(manifest, row_counts(manifest))
     _check_plan(manifest, plan)
@@ -180,6 +177,7 @@ def test_binding_plan_shares_buffers_between_graphs(bundle_copy, mode):
         assert plan.self_cache == "none" and not any(b.startswith("cache.") for b in plan.buffers)
     recorded = json.loads(json.dumps(plan.to_dict()))
     assert recorded["buffers"] == plan.buffers and recorded["rows"]["rows"] == 8
+    assert recorded["bindings"] == {g: [b.to_dict() for b in t.values()] for g, t in plan.bindings.items()}
 
 
 def test_misaligned_segments_are_copied(bundle_copy):
@@ -187,11 +185,13 @@ def test_misaligned_segments_are_copied(bundle_copy):
     step reads each layer's segment from an aligned copy instead of a pointer offset into the context cache."""
     manifest = json.loads(json.dumps(bundle_copy("scale_local").manifest))
     manifest["batch"] = {"scans": 1, "samples": 1, "rows": 1}
+    manifest["dtype"] = "float16"
     for entry in manifest["graphs"].values():
         for spec in entry["inputs"] + entry["outputs"]:
             if spec["dtype"] == "float32":
                 spec["dtype"] = "float16"
-    plan = binding_plan(manifest, row_counts(manifest))
+    spec = parse_manifest(manifest, "float16 manifest")
+    plan = binding_plan(spec, row_counts(spec))
     cross = plan.bindings["generator_step"]["cross.0.key"]
     block = math.prod(cross.shapes[0]) * ITEMSIZE[cross.dtype]
     assert block % ALIGNMENT != 0
@@ -209,7 +209,7 @@ def test_kv_graph_matches_the_concat_graph(bundle_copy, context_map):
 
     bundle = bundle_copy("block_causal", context_map)
     entry = derive_kv_step_graph(bundle)
-    kv_path = bundle.path(entry["file"])
+    kv_path = bundle.path(entry.file)
     from onnx import load
 
     ops = {n.op_type for n in load(str(kv_path), load_external_data=False).graph.node}
@@ -220,7 +220,7 @@ def test_kv_graph_matches_the_concat_graph(bundle_copy, context_map):
     kv = ort.InferenceSession(str(kv_path), opts, providers=["CPUExecutionProvider"])
     manifest, rng = bundle.manifest, np.random.default_rng(0)
     cos, sin = (np.load(bundle.path(f"rope_{t}.npy")) for t in ("cos", "sin"))
-    specs = {s["name"]: s for s in manifest["graphs"]["generator_step"]["inputs"]}
+    specs = {s.name: s for s in bundle.spec.graphs["generator_step"].inputs}
     R, L = 3, manifest["schedule"]["total_tokens"]
     fixed = {
         n: rng.standard_normal(resolve_shape(s, R), dtype=np.float32)
@@ -233,7 +233,7 @@ def test_kv_graph_matches_the_concat_graph(bundle_copy, context_map):
     out_names = [o.name for o in concat.get_outputs()]
     for scale in manifest["scales"]:
         l, off = scale["tokens"], scale["offset"]
-        feeds = {"h": rng.standard_normal((R, l, specs["h"]["shape"][2]), dtype=np.float32)}
+        feeds = {"h": rng.standard_normal((R, l, specs["h"].shape[2]), dtype=np.float32)}
         feeds.update({"rope.cos": cos[off : off + l], "rope.sin": sin[off : off + l], **fixed})
         if segment is not None:
             feeds["cross.segment"] = segment[off : off + l]
@@ -248,7 +248,7 @@ def test_kv_graph_matches_the_concat_graph(bundle_copy, context_map):
 
 
 def resolve_shape(spec, rows: int, past: int = 0) -> tuple[int, ...]:
-    return tuple(resolve_dim(d, {"rows": rows, "past": past, "tokens": 1}) for d in spec["shape"])
+    return tuple(resolve_dim(d, {"rows": rows, "past": past, "tokens": 1}) for d in spec.shape)
 
 
 # ---- decisions and load-time checks ------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_precision_follows_the_onnx_on_strongly_typed_builds():
 
 
 def test_self_cache_choice(bundle_copy):
-    bc, sl = bundle_copy("block_causal").manifest, bundle_copy("scale_local").manifest
+    bc, sl = bundle_copy("block_causal").spec, bundle_copy("scale_local").spec
     old, new, trt11 = (BuildEnvironment(v, "GPU", "9.0") for v in ("10.14.1.48", "10.15.1.29", "11.4.0.106"))
     assert choose_self_cache(sl, new) == "none"
     assert choose_self_cache(bc, old) == "ping_pong"
@@ -275,6 +275,12 @@ def test_self_cache_choice(bundle_copy):
     assert choose_self_cache(bc, trt11, "ping_pong") == "ping_pong"
     with pytest.raises(ConfigError, match=r"needs TensorRT >= 10\.15"):
         choose_self_cache(bc, old, "in_place")
+
+
+def _context_plan(meta: dict) -> PlanSpec:
+    """The typed entry parse_manifest makes of a plans.context entry like ``meta``."""
+    facts = {k: meta.get(k) for k in ("tensorrt_version", "gpu", "compute_capability")}
+    return PlanSpec("context", meta["file"], (), flags=tuple(meta.get("flags", ())), **facts)
 
 
 def test_plan_metadata_is_checked_at_load():
@@ -285,229 +291,23 @@ def test_plan_metadata_is_checked_at_load():
         "compute_capability": "9.0",
     }
     here = RuntimeEnvironment("10.15.1.29", "NVIDIA H100 80GB HBM3", "9.0")
-    assert check_plan_metadata("context", meta, here) == []
+    assert check_plan_metadata(_context_plan(meta), here) == []
     with pytest.raises(PlanMismatchError, match=r"built with TensorRT 10\.15\.1\.29, this is TensorRT 10\.16"):
-        check_plan_metadata("context", meta, dataclasses.replace(here, tensorrt_version="10.16.0.1"))
+        check_plan_metadata(_context_plan(meta), dataclasses.replace(here, tensorrt_version="10.16.0.1"))
     with pytest.raises(PlanMismatchError, match=r"compute capability 9\.0 .* this GPU is 8\.0"):
-        check_plan_metadata("context", meta, dataclasses.replace(here, gpu="NVIDIA A100", compute_capability="8.0"))
-    (warning,) = check_plan_metadata("context", meta, dataclasses.replace(here, gpu="NVIDIA H200"))
+        check_plan_metadata(_context_plan(meta), dataclasses.replace(here, gpu="NVIDIA A100", compute_capability="8.0"))
+    (warning,) = check_plan_metadata(_context_plan(meta), dataclasses.replace(here, gpu="NVIDIA H200"))
     assert "same architecture" in warning
     with pytest.raises(PlanMismatchError, match="lean TensorRT runtime"):
-        check_plan_metadata("context", meta, dataclasses.replace(here, lean=True))
+        check_plan_metadata(_context_plan(meta), dataclasses.replace(here, lean=True))
     compatible = {**meta, "flags": ["version_compatible"]}
-    assert check_plan_metadata("context", compatible, dataclasses.replace(here, tensorrt_version="10.16.0.1")) == []
-    assert check_plan_metadata("context", compatible, dataclasses.replace(here, lean=True)) == []
+    assert check_plan_metadata(_context_plan(compatible), dataclasses.replace(here, tensorrt_version="10.16.0.1")) == []
+    assert check_plan_metadata(_context_plan(compatible), dataclasses.replace(here, lean=True)) == []
     for older_or_other in ("10.14.1.48", "11.0.0.1"):
         with pytest.raises(PlanMismatchError, match="version compatible"):
-            check_plan_metadata("context", compatible, dataclasses.replace(here, tensorrt_version=older_or_other))
+            check_plan_metadata(_context_plan(compatible), dataclasses.replace(here, tensorrt_version=older_or_other))
     with pytest.raises(PlanMismatchError, match="lacks compute_capability"):
-        check_plan_metadata("context", {k: v for k, v in meta.items() if k != "compute_capability"}, here)
-
-
-# ---- a TensorRT double: plans are JSON, engines run the ONNX graph with onnxruntime on host memory ----
-class FakePlanBuilder:
-    def __init__(self, version: str = FAKE_VERSION, fail_on: str | None = None) -> None:
-        weak = frozenset({"fp16", "bf16"}) if version_tuple(version) < (11,) else frozenset()
-        self.env = BuildEnvironment(version, "Fake GPU", "9.0", weak)
-        self.fail_on, self.built, self.finished = fail_on, [], False
-
-    def environment(self) -> BuildEnvironment:
-        return self.env
-
-    def build(self, graph, onnx_path, profiles, typing, precision, options) -> bytes:
-        if graph == self.fail_on:
-            raise BackendError(f"TensorRT failed to build {graph}")
-        self.built.append((graph, len(profiles), typing, precision))
-        aliases = {}
-        if graph == KV_GRAPH:
-            names = [s["name"] for s in json.loads((onnx_path.parent / "manifest.json").read_text())["graphs"][
-                "generator_step"]["outputs"]]  # fmt: skip
-            aliases = {n: "past_key_values." + n.removeprefix("present.") for n in names if n.startswith("present.")}
-        return json.dumps({"onnx": str(onnx_path), "profiles": len(profiles), "aliases": aliases}).encode()
-
-    def finish(self) -> None:
-        self.finished = True
-
-
-class FakeTensorRT:
-    """The part of TensorRT's runtime API the backend uses."""
-
-    __version__ = FAKE_VERSION
-
-    class Logger:
-        WARNING, INFO, ERROR = 2, 3, 1
-
-        def __init__(self, level: int = 2) -> None:
-            self.level = level
-
-    DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT64 INT32 BOOL")
-    TensorIOMode = enum.Enum("TensorIOMode", "INPUT OUTPUT")
-    ExecutionContextAllocationStrategy = enum.Enum("ExecutionContextAllocationStrategy", "STATIC USER_MANAGED")
-
-    class Runtime:
-        def __init__(self, logger) -> None:
-            self.engine_host_code_allowed = False
-
-        def deserialize_cuda_engine(self, blob: bytes):
-            return FakeEngine(json.loads(blob))
-
-
-ORT_TYPES = {
-    "tensor(float)": ("FLOAT", np.float32),
-    "tensor(float16)": ("HALF", np.float16),
-    "tensor(int64)": ("INT64", np.int64),
-}
-
-
-class FakeEngine:
-    def __init__(self, spec: dict) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(spec["onnx"], opts, providers=["CPUExecutionProvider"])
-        self.num_optimization_profiles, self.aliases = spec["profiles"], spec["aliases"]
-        self.io = {t.name: (True, t.type) for t in self.session.get_inputs()}
-        self.io.update({t.name: (False, t.type) for t in self.session.get_outputs()})
-        self.names = list(self.io)
-        self.num_io_tensors = len(self.names)
-        self.contexts: list[FakeContext] = []
-
-    def get_tensor_name(self, k: int) -> str:
-        return self.names[k]
-
-    def get_tensor_mode(self, name: str):
-        return FakeTensorRT.TensorIOMode.INPUT if self.io[name][0] else FakeTensorRT.TensorIOMode.OUTPUT
-
-    def get_tensor_dtype(self, name: str):
-        return FakeTensorRT.DataType[ORT_TYPES[self.io[name][1]][0]]
-
-    def get_device_memory_size_for_profile_v2(self, profile: int) -> int:
-        return 1024
-
-    def get_aliased_input_tensor(self, name: str) -> str | None:
-        return self.aliases.get(name)
-
-    def create_execution_context(self, strategy):
-        assert strategy == FakeTensorRT.ExecutionContextAllocationStrategy.USER_MANAGED
-        ctx = FakeContext(self)
-        self.contexts.append(ctx)
-        return ctx
-
-
-class FakeContext:
-    def __init__(self, engine: FakeEngine) -> None:
-        self.engine, self.shapes, self.addresses, self.profile, self.runs = engine, {}, {}, None, 0
-
-    def set_device_memory(self, ptr: int, size: int) -> None:
-        assert ptr and size >= 1024
-
-    def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
-        self.profile = profile
-        return True
-
-    def set_input_shape(self, name: str, shape) -> bool:
-        self.shapes[name] = tuple(shape)
-        return True
-
-    def set_tensor_address(self, name: str, ptr: int) -> bool:
-        assert ptr % ALIGNMENT == 0, name
-        self.addresses[name] = ptr
-        return True
-
-    def _inputs(self, zeros: bool = False) -> dict[str, np.ndarray]:
-        feeds = {}
-        for name, (is_input, kind) in self.engine.io.items():
-            if is_input:
-                dtype = ORT_TYPES[kind][1]
-                shape = self.shapes[name]
-                if zeros:
-                    feeds[name] = np.zeros(shape, dtype)
-                else:
-                    n = math.prod(shape) * np.dtype(dtype).itemsize
-                    raw = (ctypes.c_char * max(n, 1)).from_address(self.addresses[name])
-                    feeds[name] = np.frombuffer(raw, dtype, count=math.prod(shape)).reshape(shape).copy()
-        return feeds
-
-    def get_tensor_shape(self, name: str):
-        outs = self.engine.session.run(None, self._inputs(zeros=True))
-        return dict(zip([o.name for o in self.engine.session.get_outputs()], [o.shape for o in outs], strict=True))[
-            name
-        ]
-
-    def execute_async_v3(self, stream: int) -> bool:
-        outs = self.engine.session.run(None, self._inputs())
-        for o, a in zip(self.engine.session.get_outputs(), outs, strict=True):
-            a = np.ascontiguousarray(a)
-            ctypes.memmove(self.addresses[o.name], a.ctypes.data, a.nbytes)
-        self.runs += 1
-        return True
-
-
-class HostMemory:
-    """The backend's memory interface on host memory; ``capture`` keeps the closure, ``launch`` replays it."""
-
-    device = torch.device("cpu")
-    stream_handle = 0
-
-    def __init__(self) -> None:
-        self.buffers: dict[int, torch.Tensor] = {}
-        self.captures = self.launches = 0
-
-    def properties(self) -> tuple[str, str]:
-        return "Fake GPU", "9.0"
-
-    def alloc(self, nbytes: int) -> int:
-        buf = torch.zeros(nbytes + ALIGNMENT, dtype=torch.uint8)
-        ptr = buf.data_ptr()
-        start = (-ptr) % ALIGNMENT
-        self.buffers[ptr + start] = buf[start : start + nbytes]
-        return ptr + start
-
-    def _bytes(self, ptr: int, nbytes: int) -> torch.Tensor:
-        for base, buf in self.buffers.items():
-            if base <= ptr and ptr + nbytes <= base + buf.numel():
-                return buf[ptr - base : ptr - base + nbytes]
-        raise AssertionError(f"{ptr:#x} outside the buffers")
-
-    def view(self, ptr, shape, dtype):
-        from mindhier_rt.runtime.tensorrt_backend import TORCH_DTYPES
-
-        return self._bytes(ptr, math.prod(shape) * ITEMSIZE[dtype]).view(TORCH_DTYPES[dtype]).view(shape)
-
-    def begin(self) -> None: ...
-
-    def end(self) -> None: ...
-
-    def synchronize(self) -> None: ...
-
-    def write(self, ptr, shape, dtype, src) -> None:
-        self.view(ptr, shape, dtype)[: src.shape[0]].copy_(src)
-
-    def read(self, ptr, shape, dtype, rows):
-        return self.view(ptr, shape, dtype)[:rows]
-
-    def copy(self, dst, src, nbytes) -> None:
-        self._bytes(dst, nbytes).copy_(self._bytes(src, nbytes))
-
-    def upload(self, ptr, array) -> None:
-        data = torch.from_numpy(np.ascontiguousarray(array).view(np.uint8).reshape(-1))
-        self._bytes(ptr, data.numel()).copy_(data)
-
-    def zero(self, ptr, nbytes) -> None:
-        self._bytes(ptr, nbytes).zero_()
-
-    def capture(self, run):
-        self.captures += 1
-        return run
-
-    def launch(self, graph) -> None:
-        self.launches += 1
-        graph()
-
-
-def fake_backend(bundle: Bundle, memory: HostMemory | None = None) -> TensorRTBackend:
-    return TensorRTBackend(bundle.root, memory=memory or HostMemory(), tensorrt=(FakeTensorRT, False))
+        check_plan_metadata(_context_plan({k: v for k, v in meta.items() if k != "compute_capability"}), here)
 
 
 # ---- build_plans and the manifest --------------------------------------------------------------------
@@ -530,7 +330,7 @@ def test_build_writes_plans_and_the_manifest(bundle_copy, tmp_path):
         assert entry["tensorrt_version"] == FAKE_VERSION and entry["compute_capability"] == "9.0"
         assert entry["precision"] == "fp32" and entry["typing"] == "strong" and entry["flags"] == ["version_compatible"]
     assert len(plans["generator_step"]["profiles"]) == K
-    assert plans["generator_step"]["profiles"] == plan_profiles(manifest, "generator_step", row_counts(manifest))
+    assert plans["generator_step"]["profiles"] == plan_profiles(bundle.spec, "generator_step", row_counts(bundle.spec))
     assert manifest["tensorrt"]["self_cache"] == "none" and manifest["versions"]["tensorrt"] == FAKE_VERSION
     assert builder.built[0][0] == "generator_step"  # the longest build first
     assert not (root / ".plans-building").exists()
@@ -550,15 +350,18 @@ def test_block_causal_build_switches_between_cache_modes(bundle_copy, tmp_path):
     root = tmp_path / "bundle"
     shutil.copytree(bundle_copy("block_causal").root, root)
     report = build_plans(root, BuildOptions(), builder=FakePlanBuilder(FAKE_VERSION))
-    manifest = Bundle.open(root).manifest
+    built = Bundle.open(root)
+    manifest = built.manifest
     assert report.self_cache == "in_place" and manifest["tensorrt"]["step_graph"] == KV_GRAPH
     assert KV_GRAPH in manifest["plans"] and "generator_step" not in manifest["plans"]
     kv = manifest["graphs"][KV_GRAPH]
     L = manifest["schedule"]["total_tokens"]
     assert kv["file"] == f"{KV_GRAPH}.onnx" and f"{KV_GRAPH}.onnx" in manifest["files"]
     assert next(s for s in kv["inputs"] if s["name"] == "past_key_values.0.key")["shape"][2] == L
-    assert manifest["tensorrt"]["write_indices"]["buffer"] == "table.write_indices"
-    plan = binding_plan(manifest, row_counts(manifest), KV_GRAPH)
+    assert {f["buffer"] for f in manifest["tensorrt"]["fills"]} == {"table.write_indices"}
+    assert [f["value"] for f in manifest["tensorrt"]["fills"]] == manifest["schedule"]["offsets"][:-1]
+    plan = binding_plan(built.spec, row_counts(built.spec), KV_GRAPH)
+    assert plan == built.spec.tensorrt  # what the backend executes is what build recorded
     _check_plan(manifest, plan)
     step = plan.bindings[KV_GRAPH]
     assert step["present.0.value"].buffer == step["past_key_values.0.value"].buffer  # one buffer, in place
@@ -736,32 +539,33 @@ def test_attention_plugin_graph_computes_the_step(mode, kv, context_map, bundle_
     bundle = bundle_copy(mode, context_map)
     masked_cross = context_map == "reference-pipeline"
     graph = STEP_GRAPH
+    manifest = bundle.spec
     if kv == "in_place":
-        bundle.manifest["graphs"][KV_GRAPH] = derive_kv_step_graph(bundle)
+        manifest = with_graph(manifest, derive_kv_step_graph(bundle))
         graph = KV_GRAPH
     depth = bundle.cfg.generator.depth
-    path = attention_plugin.derive_plugin_graph(bundle, graph, bundle.cfg.generator.head_dim)
+    path = attention_plugin.derive_plugin_graph(bundle, manifest.graphs[graph], bundle.cfg.generator.head_dim)
     assert path.name == f"{graph}_attention_plugin.onnx"
     ops = Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
     assert ops[attention_plugin.PLUGIN_NAME] == (depth if kv == "in_place" or masked_cross else 2 * depth)
     assert ops["Softmax"] == (depth if kv == "in_place" or masked_cross else 0)
 
-    manifest, rng = bundle.manifest, np.random.default_rng(0)
+    rng = np.random.default_rng(0)
     scale = 2  # a scale with a past in block-causal mode
-    spec = manifest["graphs"][graph]
+    spec = manifest.graphs[graph]
     symbols = graph_symbols(manifest, graph, scale, row_counts(manifest))
     feeds = {}
-    for s in spec["inputs"]:
+    for s in spec.inputs:
         shape = tensor_shape(s, symbols)
-        if s["name"] == "write_indices":
-            feeds[s["name"]] = np.full(shape, symbols.get("past", 5), np.int64)
-        elif s["name"] == "cross.segment":  # the scale's two levels (tiny schedule, reference-pipeline map)
-            offset = manifest["scales"][scale]["offset"]
-            feeds[s["name"]] = np.load(bundle.path("cross_segment.npy"))[offset : offset + shape[0]]
-            assert len(set(feeds[s["name"]].tolist())) == 2
+        if s.name == "write_indices":
+            feeds[s.name] = np.full(shape, symbols.get("past", 5), np.int64)
+        elif s.name == "cross.segment":  # the scale's two levels (tiny schedule, reference-pipeline map)
+            offset = manifest.scales[scale].offset
+            feeds[s.name] = np.load(bundle.path("cross_segment.npy"))[offset : offset + shape[0]]
+            assert len(set(feeds[s.name].tolist())) == 2
         else:
-            feeds[s["name"]] = rng.standard_normal(shape).astype(np.float32)
-    want = ort.InferenceSession(str(bundle.path(spec["file"])), providers=["CPUExecutionProvider"]).run(None, feeds)
+            feeds[s.name] = rng.standard_normal(shape).astype(np.float32)
+    want = ort.InferenceSession(str(bundle.path(spec.file)), providers=["CPUExecutionProvider"]).run(None, feeds)
     got = _reference_evaluator_with_plugin()(path).run(None, feeds)
     for w, g in zip(want, got, strict=True):
         assert np.abs(w - g).max() <= 1e-4 * np.abs(w).max()
@@ -805,7 +609,7 @@ def test_binding_plan_of_a_per_token_context_map(tiny_export, tmp_path):
     cross_segment at an aligned offset of table.cross_segment; the uploaded image holds each scale's rows."""
     _, bundle = tiny_export("block_causal", "reference-pipeline")
     manifest = bundle.manifest
-    plan = binding_plan(manifest, row_counts(manifest))
+    plan = binding_plan(bundle.spec, row_counts(bundle.spec))
     _check_plan(manifest, plan)
     step = plan.bindings["generator_step"]
     key = step["cross.0.key"]
@@ -824,4 +628,73 @@ def test_binding_plan_of_a_per_token_context_map(tiny_export, tmp_path):
     for i in range(sched.n_scales):
         got = image[seg.offsets[i] : seg.offsets[i] + seg.nbytes(i)].view(np.int64)
         assert list(got) == list(sched.segment_of_token[sched.scale_slice(i)])
-    assert json.loads(json.dumps(plan.to_dict()))["segment_layout"] == [list(r) for r in plan.segment_layout]
+    (upload,) = [t for t in json.loads(json.dumps(plan.to_dict()))["tables"] if t["table"] == "cross_segment"]
+    assert upload["layout"] == [list(r) for r in plan.segment_layout]
+
+
+# ---- what the double refuses, as TensorRT does ------------------------------------------------------------
+def _rewrite_plan(root, change) -> None:
+    from mindhier_rt.bundle import write_manifest
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    change(manifest["tensorrt"])
+    for key in ("format", "format_version", "files"):
+        manifest.pop(key)
+    write_manifest(root, manifest)
+
+
+def test_double_refuses_shapes_outside_a_profile(bundle_copy, tmp_path):
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("scale_local").root, root)
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder())
+    backend = fake_backend(Bundle.open(root))
+    encoder = backend.engines["encoder_subj01"]
+    encoder.set_rows(0, "voxels", (1, 96))  # min 1 .. max 2 scans
+    with pytest.raises(BackendError, match=r"does not admit voxels \(3, 96\)"):
+        encoder.set_rows(0, "voxels", (3, 96))
+    with pytest.raises(BackendError, match="does not admit"):
+        backend.engines["context"].set_rows(0, "pooled", (7, 32))  # static profile: 8 rows only
+    context = backend.engines[STEP_GRAPH].contexts[1]
+    assert not context.set_input_shape("h", (8, 1, 64))  # scale 0's token count in scale 1's profile
+
+
+def test_double_refuses_an_output_over_an_input_it_does_not_alias(bundle_copy, tmp_path):
+    """A plan that binds update_0's f_hat_next over its f_hat (in place, without TensorRT aliasing them) is
+    refused when it runs; the in-place cache, which the engine aliases, runs (test_backend_decodes_like_onnxruntime)."""
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("scale_local").root, root)
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder())
+
+    def in_place_update(plan: dict) -> None:
+        bindings = {b["name"]: b for b in plan["bindings"]["update_0"]}
+        bindings["f_hat_next"]["buffer"] = list(bindings["f_hat"]["buffer"])
+        bindings["f_hat_next"]["offsets"] = list(bindings["f_hat"]["offsets"])
+
+    _rewrite_plan(root, in_place_update)
+    backend = fake_backend(Bundle.open(root))
+    with pytest.raises(BackendError, match="output f_hat_next overlaps f_hat"):
+        reconstruct(backend, torch.zeros(1, 96), "subj01", SamplingConfig(seed=1))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t["bindings"]["context"][0]["offsets"].__setitem__(0, 1 << 20), "a place inside buffer"),
+        (lambda t: t["bindings"]["context"][0]["offsets"].__setitem__(0, 8), "a multiple of 256"),
+        (lambda t: t["bindings"]["context"][0]["buffer"].__setitem__(0, "nowhere"), "a buffer in tensorrt.buffers"),
+        (lambda t: t["bindings"]["context"][0].__setitem__("name", "mystery"), "each input and output of graph"),
+        (lambda t: t["buffers"].__setitem__("context.pooled", -1), "an integer >= 0"),
+        (lambda t: t.__setitem__("plan_version", 1), "plan version 1 is not supported"),
+        (lambda t: t["tables"][0]["layout"].append([0, 1 << 20, 0]), "a place inside buffer"),
+    ],
+    ids=["offset", "alignment", "buffer", "tensor", "size", "version", "table"],
+)
+def test_hostile_plans_are_refused_when_read(bundle_copy, tmp_path, change, message):
+    from mindhier_rt.errors import BundleError
+
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_copy("scale_local").root, root)
+    build_plans(root, BuildOptions(), builder=FakePlanBuilder())
+    _rewrite_plan(root, change)
+    with pytest.raises(BundleError, match=message):
+        Bundle.open(root)

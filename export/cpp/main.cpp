@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <set>
 #include <sstream>
 #include <string>
@@ -14,7 +15,9 @@
 #include "image.hpp"
 #include "manifest.hpp"
 #include "npy.hpp"
-#include "plan.hpp"
+#include "decode.hpp"
+#include "exec_plan.hpp"
+#include "pipe_device.hpp"
 #include "sampling.hpp"
 
 #ifdef MINDHIER_HAVE_TENSORRT
@@ -36,11 +39,12 @@ const char* kUsage = R"(usage:
       with plans from `mindhier-rt build`). Scans with NaN or inf voxels are skipped with a warning.
       --samples N      images per scan (default: the bundle's batch.samples)
       --device N       CUDA device (default 0)
-  mindhier_host --check-bundle DIR [--subject NAME] [--scans N] [--samples N] [sampling options]
-      Parse the manifest, verify every file's SHA-256, print the schedule and the decode plan.
-  mindhier_host --print-plan DIR [--subject NAME] [--scans N] [--samples N] [sampling options]
-      The decode plan as JSON. Both plan modes take --align BYTES, the address alignment the plan
-      guarantees to every bound input (default 256, TensorRT's; larger values exercise the staging copies).
+      --engine-pipe R,W  run the graphs in another process over file descriptors R (answers) and W
+                       (requests) instead of TensorRT (pipe_device.hpp; how the tests check the decode loop)
+  mindhier_host --check-bundle DIR
+      Parse the manifest, verify every file's SHA-256, print the schedule and the recorded TensorRT plan.
+  mindhier_host --print-plan DIR
+      The recorded TensorRT plan (the manifest's `tensorrt` section) as this host read and checked it, as JSON.
   mindhier_host --check-sampling LOGITS.npy [--scale I] [--scan-ids 0,1,..] [--sample-ids 0,0,..]
                 [--n-scales K] [sampling options]
       Tokens of float32 logits [N, l, V], one line per row. With --n-scales K the rows are
@@ -53,7 +57,7 @@ sampling options (default: the bundle's manifest, else docs/sampling.md):
 const std::set<std::string> kValueOptions = {
     "--bundle", "--fmri",  "--subject", "--out",      "--samples",    "--seed",        "--cfg-scale",
     "--cfg-stop", "--top-k", "--top-p", "--scans",    "--scale",      "--scan-ids",    "--sample-ids",
-    "--n-scales", "--device", "--align", "--check-bundle", "--print-plan", "--check-sampling"};
+    "--n-scales", "--device", "--engine-pipe", "--check-bundle", "--print-plan", "--check-sampling"};
 const std::set<std::string> kFlags = {"--greedy", "--help", "-h"};
 
 struct Args {
@@ -177,21 +181,12 @@ int check_sampling(const Args& a) {
 
 std::string ints(const std::vector<int64_t>& v) { return mh::shape_str(v); }
 
-mh::DecodePlan plan_for(const Args& a, const mh::Manifest& m) {
-  if (m.subjects.empty()) throw HostError("the bundle has no subjects");
-  const std::string subject = a.has("--subject") ? a.get("--subject") : m.subjects.begin()->first;
-  const int64_t scans = a.has("--scans") ? to_int("--scans", a.get("--scans")) : m.batch.scans;
-  const int64_t samples = a.has("--samples") ? to_int("--samples", a.get("--samples")) : m.batch.samples;
-  const int64_t align = a.has("--align") ? to_int("--align", a.get("--align")) : mh::kTensorAlignBytes;
-  return mh::make_plan(m, subject, scans, samples, sampling_from(a, m.sampling), {}, !m.plans.empty(), align);
-}
-
 int check_bundle(const Args& a, bool json) {
   const mh::Manifest m = mh::load_manifest(a.get(json ? "--print-plan" : "--check-bundle"));
   mh::verify_files(m);
-  const mh::DecodePlan plan = plan_for(a, m);
   if (json) {
-    std::cout << mh::plan_to_json(plan) << "\n";
+    if (!m.tensorrt) throw HostError("the bundle has no TensorRT plans: run `mindhier-rt build --engine BUNDLE`");
+    std::cout << mh::exec_plan_to_json(*m.tensorrt) << "\n";
     return 0;
   }
   const mh::ScheduleSpec& s = m.schedule;
@@ -206,11 +201,11 @@ int check_bundle(const Args& a, bool json) {
   std::cout << "\nplans: ";
   if (m.plans.empty()) std::cout << "none (ONNX only; run `mindhier-rt build` for TensorRT plans)";
   for (const auto& [graph, plan] : m.plans) std::cout << graph << "=" << plan.file << " ";
-  std::cout << "\n" << mh::describe_plan(plan);
+  std::cout << "\n" << (m.tensorrt ? mh::describe_exec_plan(*m.tensorrt) : std::string());
   return 0;
 }
 
-[[maybe_unused]] std::filesystem::path image_path(const std::filesystem::path& out, bool single, uint32_t scan,
+std::filesystem::path image_path(const std::filesystem::path& out, bool single, uint32_t scan,
                                                  uint32_t sample, int64_t samples) {
   if (single) return out;
   char tag[48];
@@ -255,29 +250,41 @@ int decode(const Args& a) {
   }
   if (ids.empty()) throw HostError(a.get("--fmri") + ": no scan with finite voxels");
   const int64_t samples = a.has("--samples") ? to_int("--samples", a.get("--samples")) : m.batch.samples;
-  const mh::DecodePlan plan =
-      mh::make_plan(m, subject, int64_t(ids.size()), samples, sampling_from(a, m.sampling), ids, true);
+  if (!m.tensorrt) throw HostError("the bundle has no TensorRT plan: run `mindhier-rt build --engine BUNDLE` first");
+  mh::DecodeRequest request{subject, voxels, int64_t(ids.size()), samples, ids, sampling_from(a, m.sampling)};
+  std::unique_ptr<mh::Device> device;
+  if (a.has("--engine-pipe")) {
+    const std::vector<uint32_t> fds = to_ids("--engine-pipe", a.get("--engine-pipe"));
+    if (fds.size() != 2) throw UsageError("--engine-pipe expects R,W (two file descriptors)");
+    device = std::make_unique<mh::PipeDevice>(int(fds[0]), int(fds[1]));
+  } else {
 #ifdef MINDHIER_HAVE_TENSORRT
-  const int device = a.has("--device") ? int(to_int("--device", a.get("--device"))) : 0;
-  mh::TrtRunner runner(m, plan, device);
+    const int gpu = a.has("--device") ? int(to_int("--device", a.get("--device"))) : 0;
+    device = std::make_unique<mh::TrtDevice>(m, gpu);
+#else
+    throw HostError("this mindhier_host was built without TensorRT: only --check-bundle, --print-plan, "
+                    "--check-sampling and --engine-pipe are available (rebuild where TensorRT and CUDA are installed)");
+#endif
+  }
+  mh::PlanExecutor executor(m, *device);
   const auto t0 = std::chrono::steady_clock::now();
-  const mh::DecodeResult result = runner.run(plan, voxels);
+  const mh::DecodeResult result = executor.decode(request);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const int64_t H = plan.image_shape[2], W = plan.image_shape[3];
-  const bool single = plan.cond_rows == 1;
-  for (int64_t r = 0; r < plan.cond_rows; ++r) {
+  const int64_t R = result.image_shape[0], H = result.image_shape[2], W = result.image_shape[3];
+  const bool single = R == 1;
+  for (int64_t r = 0; r < R; ++r) {
     const std::filesystem::path path =
-        image_path(out, single, plan.row_scan[size_t(r)], plan.row_sample[size_t(r)], samples);
+        image_path(out, single, result.row_scan[size_t(r)], result.row_sample[size_t(r)], samples);
     mh::write_image(path, result.images.data() + r * 3 * H * W, H, W);
     std::cout << "wrote " << path.string() << "\n";
   }
+  for (size_t i = 0; i < result.tokens.size(); ++i) {  // one line per scale: the tokens of every row
+    std::cout << "tokens " << i << ":";
+    for (int64_t t : result.tokens[i]) std::cout << " " << t;
+    std::cout << "\n";
+  }
   std::cout << "decoded " << ids.size() << " scan(s) x " << samples << " sample(s) in " << seconds << " s\n";
   return 0;
-#else
-  (void)plan;
-  throw HostError("this mindhier_host was built without TensorRT: only --check-bundle, --print-plan and "
-                  "--check-sampling are available (rebuild where TensorRT and CUDA are installed)");
-#endif
 }
 
 int run(int argc, char** argv) {

@@ -3,6 +3,7 @@
 #include <set>
 
 #include "error.hpp"
+#include "json_field.hpp"
 #include "npy.hpp"
 #include "schedule.hpp"
 #include "sha256.hpp"
@@ -10,50 +11,6 @@
 namespace mh {
 
 namespace {
-
-// A JSON value with its key path, so that every error says where in the manifest it is.
-struct Field {
-  const json::Value& v;
-  std::string path;
-
-  template <typename F>
-  auto typed(F f) const -> decltype(f(v)) {
-    try {
-      return f(v);
-    } catch (const HostError& e) {
-      throw HostError(path + ": " + e.what());
-    }
-  }
-  Field operator[](const std::string& key) const {
-    const json::Value* child = typed([&](const json::Value& x) { return x.find(key); });
-    if (child == nullptr) throw HostError("missing key " + join(key));
-    return {*child, join(key)};
-  }
-  const json::Value* find(const std::string& key) const {
-    return typed([&](const json::Value& x) { return x.find(key); });
-  }
-  Field at(size_t i) const { return {as_array()[i], path + "[" + std::to_string(i) + "]"}; }
-  std::string join(const std::string& key) const { return path.empty() ? key : path + "." + key; }
-
-  int64_t i64() const { return typed([](const json::Value& x) { return x.as_int(); }); }
-  uint64_t u64() const { return typed([](const json::Value& x) { return x.as_uint(); }); }
-  double f64() const { return typed([](const json::Value& x) { return x.as_double(); }); }
-  bool boolean() const { return typed([](const json::Value& x) { return x.as_bool(); }); }
-  const std::string& str() const {
-    return typed([](const json::Value& x) -> const std::string& { return x.as_string(); });
-  }
-  const json::Array& as_array() const {
-    return typed([](const json::Value& x) -> const json::Array& { return x.as_array(); });
-  }
-  const json::Object& as_object() const {
-    return typed([](const json::Value& x) -> const json::Object& { return x.as_object(); });
-  }
-  std::vector<int64_t> ints() const {
-    std::vector<int64_t> out;
-    for (size_t i = 0; i < as_array().size(); ++i) out.push_back(at(i).i64());
-    return out;
-  }
-};
 
 std::vector<TensorSpec> tensor_specs(const Field& list) {
   std::vector<TensorSpec> out;
@@ -209,10 +166,12 @@ Manifest parse_manifest(const json::Value& doc, const std::filesystem::path& roo
     for (const auto& [name, value] : p.as_object()) m.plans[name] = plan_file(Field{value, p.join(name)});
   }
   if (const json::Value* trt = top.find("tensorrt")) {
-    const Field t{*trt, "tensorrt"};
-    if (const json::Value* step = t.find("step_graph")) m.step_graph = Field{*step, t.join("step_graph")}.str();
+    m.tensorrt = parse_exec_plan(Field{*trt, "tensorrt"});
+    check_exec_plan(*m.tensorrt, m);
   }
-  if (!m.graphs.count(m.step_graph)) throw HostError("the manifest has no step graph \"" + m.step_graph + "\"");
+  if (m.plans.empty() != !m.tensorrt) {
+    throw HostError("expected both `plans` and `tensorrt` (written together by `mindhier-rt build`), or neither");
+  }
 
   // Every file the host may open must be covered by a checksum, or verify_files would not protect it.
   std::set<std::string> referenced;

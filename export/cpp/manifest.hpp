@@ -16,19 +16,20 @@
 //   plans (optional, written by `mindhier-rt build`): {graph name: {file, profiles: [{input name:
 //     {min: [...], opt: [...], max: [...]}}], flags (optional list; "version_compatible")}}; for the
 //     generator step, profile i serves scale i
-//   tensorrt.step_graph (optional, written by `mindhier-rt build`): the step graph the plans run,
-//     "generator_step" (default) or "generator_step_kv" (block-causal with an in-place cache)
+//   tensorrt (optional, written by `mindhier-rt build` together with `plans`): the decode plan, read and
+//     checked by exec_plan.hpp; the host executes it as recorded and plans nothing itself
 //
-// Other keys (scales, decode_loop, versions, source, the rest of `tensorrt`: its buffer and binding
-// tables are the Python runtime's; this host plans its own from the graph specs) are not read.
+// Other keys (scales, decode_loop, versions, source) are not read.
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "exec_plan.hpp"
 #include "json.hpp"
 #include "sampling.hpp"
 
@@ -105,7 +106,7 @@ struct Manifest {
   // (input cross.segment = rows offset_i .. offset_i + l_i of the table cross_segment)
   std::string context_map = "training";
   std::map<std::string, PlanFile> plans;  // empty before `mindhier-rt build`
-  std::string step_graph = "generator_step";
+  std::optional<ExecPlan> tensorrt;        // the recorded decode plan; empty before `mindhier-rt build`
 
   const GraphSpec& graph(const std::string& name) const;  // throws HostError if absent
   std::filesystem::path path(const std::string& rel) const { return root / rel; }

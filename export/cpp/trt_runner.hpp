@@ -1,52 +1,31 @@
-// The TensorRT runner (compiled only where TensorRT and CUDA are found): executes a DecodePlan.
-//
-// It deserializes the plan file of every graph the decode calls, from the manifest's `plans` section
-// (written by `mindhier-rt build`):
-//
-//   "plans": {<graph name>: {"file": <plan file in the bundle>,
-//                            "profiles": [{<input name>: {"min": [...], "opt": [...], "max": [...]}}, ...]}}
-//
-// Keys read: plans.<graph>.file (required for every graph the decode calls), plans.<graph>.profiles
-// (optional; make_plan picks each call's profile from them, padding rows up to what a profile admits: for
-// the step, profile i serves scale i; for the other graphs the first profile that admits the call),
-// plans.<graph>.flags (optional) and tensorrt.step_graph (optional). Every plan file must be listed in the
-// manifest's `files` with its SHA-256.
-//
-// Execution, all on one CUDA stream: one device buffer per plan buffer (allocated once, zeroed per run;
-// the rope tables and write_indices uploaded once), `setOptimizationProfileAsync` when a call's profile
-// differs from its context's, `setInputShape` + `setTensorAddress` per tensor (pointers offset into the
-// plan's buffers: a scale's context segment is bound in place in the segment-major cache; present -> next
-// past alternate between two buffers, or share one with the in-place step), `enqueueV3`. Plans flagged
-// "version_compatible" are loaded with `setEngineHostCodeAllowed(true)`. Between the step and the update
-// of a scale the logits come to the host, are combined and sampled by the shared routine (sampling.cpp)
-// and the tokens go back. CUDA graphs are not used (each scale runs once per decode, with host sampling
-// in between).
+// The TensorRT device (compiled only where TensorRT and CUDA are found): the plan's buffers in device
+// memory, one engine per graph the plan binds (deserialized from the manifest's `plans`), and a graph call as
+// `setOptimizationProfileAsync` + `setInputShape` + `setTensorAddress` per tensor (at the recorded buffer and
+// byte offset) + `enqueueV3`, all on one CUDA stream. Plans flagged "version_compatible" are loaded with
+// `setEngineHostCodeAllowed(true)`. The decode loop that drives it is decode.cpp, shared with the CPU tests.
 #pragma once
 
-#include <cstdint>
 #include <memory>
-#include <vector>
 
+#include "decode.hpp"
 #include "manifest.hpp"
-#include "plan.hpp"
 
 namespace mh {
 
-struct DecodeResult {
-  std::vector<float> images;                 // [R, 3, H, W] in [0, 1] (padded rows dropped)
-  std::vector<std::vector<int64_t>> tokens;  // per scale, [R, l] row-major
-};
-
-class TrtRunner {
+class TrtDevice : public Device {
  public:
-  // Loads the engines `plan` calls and allocates its buffers on CUDA device `device`.
-  TrtRunner(const Manifest& m, const DecodePlan& plan, int device = 0);
-  ~TrtRunner();
-  TrtRunner(const TrtRunner&) = delete;
-  TrtRunner& operator=(const TrtRunner&) = delete;
+  TrtDevice(const Manifest& m, int device = 0);
+  ~TrtDevice() override;
+  TrtDevice(const TrtDevice&) = delete;
+  TrtDevice& operator=(const TrtDevice&) = delete;
 
-  // voxels_NV: [plan.scans, plan.voxels] float32, row n is the scan with id plan.row_scan[n * samples].
-  DecodeResult run(const DecodePlan& plan, const std::vector<float>& voxels_NV);
+  void allocate(const std::string& buffer, int64_t bytes) override;
+  void write(const std::string& buffer, int64_t offset, const void* src, int64_t bytes) override;
+  void read(const std::string& buffer, int64_t offset, void* dst, int64_t bytes) override;
+  void copy(const std::string& dst, int64_t dst_offset, const std::string& src, int64_t src_offset,
+            int64_t bytes) override;
+  void run(const GraphBindings& graph, size_t profile,
+           const std::map<std::string, std::vector<int64_t>>& shapes) override;
 
  private:
   struct Impl;

@@ -8,6 +8,8 @@ A bundle is a closed, verified unit:
 * ``files.py``: file names stay inside the folder (no absolute paths, ``..``, symlinks or device files) and
   reads are hashed as they happen, so the bytes used are the bytes checked.
 * ``core.py``: ``Bundle.open`` / ``read_bytes`` / ``onnx_graph`` / ``load_table`` / ``checked_path``.
+* ``tensorrt_plan.py``: the TensorRT binding plan ``build`` records (``DecodePlan``), checked as it is read;
+  ``tensor_names.py``: the graph, tensor and table names the TensorRT side binds by name.
 * ``writer.py``: ``write_manifest`` lists exactly the files the manifest refers to.
 * ``staging.py``: ``staged_bundle`` writes a bundle beside its target and swaps it in when complete.
 
@@ -25,11 +27,11 @@ from mindhier_rt.bundle.manifest import (
     Manifest,
     PlanSpec,
     ScaleEntry,
-    TensorRTSection,
     TensorSpec,
     parse_manifest,
 )
 from mindhier_rt.bundle.staging import staged_bundle
+from mindhier_rt.bundle.tensorrt_plan import DecodePlan
 from mindhier_rt.bundle.writer import referenced_files, write_manifest
 from mindhier_rt.errors import BundleError
 
@@ -40,13 +42,13 @@ __all__ = [
     "Bundle",
     "BundleError",
     "Condition",
+    "DecodePlan",
     "FileEntry",
     "GraphSpec",
     "Manifest",
     "OnnxGraph",
     "PlanSpec",
     "ScaleEntry",
-    "TensorRTSection",
     "TensorSpec",
     "parse_manifest",
     "referenced_files",

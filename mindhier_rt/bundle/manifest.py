@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mindhier_rt.bundle.files import FileEntry, check_name
+from mindhier_rt.bundle.json_field import JsonField as _Field
+from mindhier_rt.bundle.tensorrt_plan import DecodePlan, parse_decode_plan
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.errors import BundleError, ConfigError
 from mindhier_rt.sampling import SamplingConfig
@@ -34,63 +36,6 @@ DTYPES = ("float32", "float16")
 TENSOR_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 SCALE_KEYS = ("scale", "patch_num", "tokens", "offset", "past", "segment", "level", "phi")
-
-
-class _Field:
-    """A JSON value and where it sits (``graphs.context.inputs[0].shape``), for messages that say both."""
-
-    def __init__(self, value: Any, where: str, source: str) -> None:
-        self.value, self.where, self.source = value, where, source
-
-    @property
-    def label(self) -> str:
-        return f"manifest field {self.where}" if self.where else "manifest"
-
-    def error(self, expected: str) -> BundleError:
-        found = json.dumps(self.value)
-        found = found if len(found) <= 80 else found[:77] + "..."
-        return BundleError(f"{self.source}: {self.label}: expected {expected}, found {found}")
-
-    def _kind(self, kind: type | tuple[type, ...], name: str) -> Any:
-        if not isinstance(self.value, kind) or (isinstance(self.value, bool) and kind is not bool):
-            raise self.error(name)
-        return self.value
-
-    def obj(self) -> dict[str, Any]:
-        return self._kind(dict, "an object")
-
-    def list(self) -> list[Any]:
-        return self._kind(list, "a list")
-
-    def str(self) -> str:
-        return self._kind(str, "a string")
-
-    def int(self, minimum: int | None = 0) -> int:
-        value = self._kind(int, "an integer")
-        if minimum is not None and value < minimum:
-            raise self.error(f"an integer >= {minimum}")
-        return value
-
-    def bool(self) -> bool:
-        return self._kind(bool, "true or false")
-
-    def key(self, name: str) -> _Field:
-        d = self.obj()
-        if name not in d:
-            raise BundleError(f"{self.source}: {self.label}: missing key {name!r}")
-        return _Field(d[name], f"{self.where}.{name}" if self.where else name, self.source)
-
-    def opt(self, name: str) -> _Field | None:
-        return self.key(name) if name in self.obj() else None
-
-    def items(self) -> list[tuple[str, _Field]]:
-        return [(k, _Field(v, f"{self.where}.{k}" if self.where else k, self.source)) for k, v in self.obj().items()]
-
-    def elements(self) -> list[_Field]:
-        return [_Field(v, f"{self.where}[{i}]", self.source) for i, v in enumerate(self.list())]
-
-    def file(self) -> str:
-        return check_name(self.value, f"{self.source}: manifest field {self.where}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +68,17 @@ class GraphSpec:
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest entry (what ``export`` and ``build`` write)."""
+        entry: dict[str, Any] = {
+            "file": self.file,
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+        }
+        if self.external_data is not None:
+            entry["external_data"] = self.external_data
+        return {**entry, **self.extra}
 
 
 @dataclass(frozen=True)
@@ -158,23 +114,23 @@ class Condition:
 
 @dataclass(frozen=True)
 class PlanSpec:
-    """A TensorRT plan recorded by ``build``: its file and optimization profiles; ``extra`` keeps the build
-    details (precision, typing, versions, flags, timing)."""
+    """A TensorRT plan recorded by ``build``: its file, optimization profiles and the build facts a loader checks
+    (TensorRT version, GPU, compute capability, flags); ``extra`` keeps the other build details (precision,
+    typing, timing)."""
 
     graph: str
     file: str
     profiles: tuple[dict[str, Any], ...]
     onnx: str | None = None  # the ONNX file the plan was built from
+    tensorrt_version: str | None = None
+    gpu: str | None = None
+    compute_capability: str | None = None
+    flags: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-@dataclass(frozen=True)
-class TensorRTSection:
-    """What ``build`` recorded about the binding plan: the step graph, the rows it was built for, the buffers."""
-
-    step_graph: str
-    rows: dict[str, Any]
-    data: dict[str, Any]
+    @property
+    def version_compatible(self) -> bool:
+        return "version_compatible" in self.flags
 
 
 @dataclass(frozen=True)
@@ -196,7 +152,7 @@ class Manifest:
     source: str | None = None
     versions: dict[str, Any] = field(default_factory=dict)
     plans: dict[str, PlanSpec] | None = None
-    tensorrt: TensorRTSection | None = None
+    tensorrt: DecodePlan | None = None  # the binding plan ``build`` recorded (bundle/tensorrt_plan.py)
 
     def read_files(self) -> tuple[str, ...]:
         """Every file a reader of this bundle may open (each is listed in ``files``)."""
@@ -264,22 +220,49 @@ def _condition(f: _Field | None, cfg: ModelConfig) -> Condition:
     )
 
 
+_PLAN_FACTS = ("file", "profiles", "onnx", "tensorrt_version", "gpu", "compute_capability", "flags")
+
+
 def _plans(f: _Field) -> dict[str, PlanSpec]:
     plans = {}
     for name, p in f.items():
-        extra = {k: v for k, v in p.obj().items() if k not in ("file", "profiles", "onnx")}
+        extra = {k: v for k, v in p.obj().items() if k not in _PLAN_FACTS}
         profiles = tuple(x.obj() for x in p.key("profiles").elements())
-        onnx = p.opt("onnx")
-        plans[name] = PlanSpec(name, p.key("file").file(), profiles, None if onnx is None else onnx.file(), extra)
+        onnx, version, gpu, cc, flags = (p.opt(k) for k in _PLAN_FACTS[2:])
+        plans[name] = PlanSpec(
+            graph=name,
+            file=p.key("file").file(),
+            profiles=profiles,
+            onnx=None if onnx is None else onnx.file(),
+            tensorrt_version=None if version is None else version.str(),
+            gpu=None if gpu is None else gpu.str(),
+            compute_capability=None if cc is None else cc.str(),
+            flags=() if flags is None else tuple(x.str() for x in flags.elements()),
+            extra=extra,
+        )
     return plans
 
 
-def _tensorrt(f: _Field) -> TensorRTSection:
-    rows = f.key("rows")
-    for k in ("scans", "samples"):
-        rows.key(k).int(1)
-    rows.key("guided").bool()
-    return TensorRTSection(f.key("step_graph").str(), rows.obj(), f.obj())
+def _check_decode_plan(top: _Field, plan: DecodePlan, graphs: dict[str, GraphSpec], tables: dict[str, str]) -> None:
+    """The recorded bindings name the graphs' own inputs and outputs, and the tables exist (a dtype that differs
+    is the backend's to report: the plans were built for other graphs)."""
+    where = top.key("tensorrt")
+    for graph, table in plan.bindings.items():
+        spec = graphs.get(graph)
+        if spec is None:
+            raise where.key("bindings").error(f"graphs of the bundle (no graph {graph!r})")
+        tensors = {t.name: True for t in spec.inputs} | {t.name: False for t in spec.outputs}
+        if {b.name: b.is_input for b in table.values()} != tensors:
+            raise (
+                where.key("bindings")
+                .key(graph)
+                .error(
+                    f"a binding for each input and output of graph {graph} (the graph has {', '.join(sorted(tensors))})"
+                )
+            )
+    for upload in plan.tables:
+        if upload.table not in tables:
+            raise where.key("tables").error(f"tables of the bundle (no table {upload.table!r})")
 
 
 def _required_graphs(cfg: ModelConfig, subjects: dict[str, int]) -> list[str]:
@@ -376,8 +359,12 @@ def parse_manifest(doc: object, source: str) -> Manifest:
         source=None if src is None or src.value is None else src.str(),
         versions={} if versions is None else versions.obj(),
         plans=None if plans is None else _plans(plans),
-        tensorrt=None if trt is None else _tensorrt(trt),
+        tensorrt=None if trt is None else parse_decode_plan(trt),
     )
+    if (manifest.plans is None) != (manifest.tensorrt is None):
+        raise top.error("both plans and tensorrt (written together by `mindhier-rt build`), or neither")
+    if manifest.tensorrt is not None:
+        _check_decode_plan(top, manifest.tensorrt, graphs, tables)
     unlisted = [rel for rel in manifest.read_files() if rel not in files]
     if unlisted:
         raise BundleError(

@@ -20,7 +20,7 @@
 #include "json.hpp"
 #include "manifest.hpp"
 #include "npy.hpp"
-#include "plan.hpp"
+#include "exec_plan.hpp"
 #include "sampling.hpp"
 #include "schedule.hpp"
 #include "sha256.hpp"
@@ -379,204 +379,60 @@ static void test_manifest() {
   }
 }
 
-// ---- decode plan on the block-causal fixture ------------------------------------------------------
-static const mh::Binding& binding(const std::vector<mh::Binding>& list, const std::string& tensor) {
-  for (const auto& b : list) {
-    if (b.tensor == tensor) return b;
-  }
-  throw std::runtime_error("no binding " + tensor);
-}
-
-static bool has_copy(const std::vector<mh::Copy>& copies, const std::string& src, const std::string& dst,
-                     int64_t src_offset, int64_t dst_offset, int64_t width) {
-  for (const mh::Copy& c : copies) {
-    if (c.src == src && c.dst == dst && c.src_offset == src_offset && c.dst_offset == dst_offset && c.width == width) {
-      return true;
-    }
-  }
-  return false;
-}
-
-static void test_plan() {
+// ---- the recorded decode plan (the manifest's `tensorrt` section, written by `mindhier-rt build`) ----------
+static void test_exec_plan() {
   const std::string text = read_text(g_fixtures / "manifest_block_causal.json");
   const mh::Manifest m = mh::parse_manifest(mh::json::parse(text), g_fixtures);
-  mh::SamplingConfig sc;  // guided at every scale
-  // Without profiles: every call runs on its real rows (the onnxruntime test executes such plans).
-  const mh::DecodePlan p = mh::make_plan(m, "subj01", 1, 1, sc);
-  CHECK_EQ(p.cond_rows, int64_t(1));
-  CHECK_EQ(p.vocab, int64_t(64));
-  CHECK_EQ(p.scales.size(), size_t(4));
-  // The encoder runs on the scan, and on one zero scan; copies assemble the context step's 2 rows.
-  CHECK((binding(p.encoder.inputs, "voxels").shape == std::vector<int64_t>{1, 96}));
-  CHECK_EQ(binding(p.encoder_null.inputs, "voxels").buffer, std::string("voxels.null"));
-  CHECK_EQ(binding(p.encoder_null.outputs, "pooled").buffer, std::string("null.pooled"));
-  CHECK_EQ(p.context.rows, int64_t(2));
-  CHECK(has_copy(p.context.stage, "enc.pooled", "pooled", 0, 0, 32));
-  CHECK(has_copy(p.context.stage, "null.context", "context", 0, 10 * 32, 10 * 32));
-  // cross.0.key is [M=2, B=2, H=2, T=5, c=32]: segment 1 starts at 2*2*5*32 = 640.
-  CHECK_EQ(binding(p.scales[0].step.inputs, "cross.0.key").offset, int64_t(0));
-  CHECK_EQ(binding(p.scales[2].step.inputs, "cross.1.value").offset, int64_t(640));
-  CHECK((binding(p.scales[2].step.inputs, "cross.1.value").shape == std::vector<int64_t>{2, 2, 5, 32}));
-  CHECK_EQ(binding(p.scales[3].step.inputs, "rope.cos").offset, int64_t(14 * 32));  // 1792 bytes: aligned
-  CHECK((binding(p.scales[3].step.inputs, "rope.sin").shape == std::vector<int64_t>{16, 32}));
-  CHECK_EQ(binding(p.scales[0].step.inputs, "h").buffer, std::string("start"));
-  CHECK_EQ(binding(p.scales[1].step.inputs, "h").buffer, std::string("h"));
-  // Ping-pong caches: present of scale i is the past of scale i + 1.
+  CHECK(m.tensorrt.has_value());
+  if (!m.tensorrt) return;
+  const mh::ExecPlan& p = *m.tensorrt;
+  CHECK_EQ(p.step_graph, std::string("generator_step"));
+  CHECK_EQ(p.self_cache, std::string("ping_pong"));
+  CHECK_EQ(p.rows, int64_t(2));
+  CHECK(p.guided && p.sample_rows == 1);
+  const mh::GraphBindings& step = p.graph("generator_step");
+  CHECK_EQ(step.profiles, size_t(4));
+  const mh::TensorBinding& h = step.at("h");
+  CHECK_EQ(h.buffer[0], std::string("context.start"));  // scale 0 reads the context step's output in place
+  CHECK_EQ(h.buffer[1], std::string("step.h"));
+  // ping-pong caches: present of scale i is the past of scale i + 1
   for (size_t i = 1; i < 4; ++i) {
-    const auto& past = binding(p.scales[i].step.inputs, "past_key_values.1.key");
-    const auto& present = binding(p.scales[i - 1].step.outputs, "present.1.key");
-    CHECK_EQ(past.buffer, present.buffer);
-    CHECK(past.shape == present.shape);
-    CHECK_EQ(past.shape[2], m.schedule.offsets[i]);
+    CHECK_EQ(step.at("past_key_values.1.key").buffer[i], step.at("present.1.key").buffer[i - 1]);
   }
-  CHECK((binding(p.scales[0].step.inputs, "past_key_values.0.key").shape == std::vector<int64_t>{2, 2, 0, 32}));
-  CHECK_EQ(p.buffers.at("kv.0.key/1").elements, int64_t(2 * 2 * 30 * 32));
-  CHECK_EQ(p.buffers.at("kv.0.key/0").elements, int64_t(2 * 2 * 14 * 32));
-  CHECK_EQ(p.buffers.at("logits").elements, int64_t(2 * 16 * 64));
-  CHECK_EQ(p.buffers.at("idx").dtype, std::string("int64"));
-  CHECK_EQ(p.buffers.at("rope.cos").elements, int64_t(30 * 32));
-  CHECK_EQ(p.tables.at("rope.cos"), std::string("rope_cos.npy"));
-  // f_hat ping-pong and the decoder reading the last one.
-  CHECK_EQ(binding(p.scales[1].update.inputs, "f_hat").buffer, std::string("f_hat/1"));
-  CHECK_EQ(binding(p.scales[1].update.outputs, "f_hat_next").buffer, std::string("f_hat/0"));
-  CHECK_EQ(binding(p.decoder.inputs, "f_hat").buffer, std::string("f_hat/0"));
-  // h for the unconditional rows is a copy of the conditional rows while the next scale is guided.
-  CHECK_EQ(p.scales[0].after.size(), size_t(1));
-  CHECK_EQ(p.scales[0].after[0].dst_offset, int64_t(4 * 64));
-  CHECK(p.scales[3].after.empty());
-  CHECK_EQ(p.scales[2].weight, 4.0);
-  CHECK((p.image_shape == std::vector<int64_t>{1, 3, 64, 64}));
+  // cross.1.value [2, 2, 5, 32] float32: segment 1 of the context cache starts 2560 bytes in
+  CHECK_EQ(step.at("cross.1.value").offsets[2], int64_t(2560));
+  for (size_t i = 0; i < 4; ++i) CHECK_EQ(step.at("rope.cos").offsets[i] % mh::kPlanAlignment, int64_t(0));
+  CHECK_EQ(p.graph("update_1").at("f_hat").buffer[0], p.graph("update_0").at("f_hat_next").buffer[0]);
+  CHECK_EQ(p.graph("vq_decoder").at("f_hat").buffer[0], p.graph("update_3").at("f_hat_next").buffer[0]);
+  CHECK_EQ(p.tables.size(), size_t(2));
+  CHECK_EQ(p.tables[0].table, std::string("rope_cos"));
+  CHECK_EQ(p.tables[0].layout[3][0], int64_t(14));  // scale 3's rows start at row 14 of the table
+  CHECK(p.fills.empty());
+  CHECK_THROWS(p.graph("encoder_subj09"), "no bindings for graph \"encoder_subj09\"");
+  CHECK_THROWS(step.at("nope"), "binds no tensor \"nope\"");
+  // what --print-plan prints reads back to the same plan
+  const std::string json = mh::exec_plan_to_json(p);
+  const mh::ExecPlan again = mh::parse_exec_plan(mh::Field{mh::json::parse(json), "tensorrt"});
+  CHECK_EQ(mh::exec_plan_to_json(again), json);
+  CHECK(mh::describe_exec_plan(p).find("ping_pong self cache") != std::string::npos);
 
-  // Alignment: at 256 bytes only the rope rows of scales 1 and 2 (128 and 640 bytes in) are staged.
-  CHECK(p.scales[0].step.stage.empty() && p.scales[3].step.stage.empty());
-  CHECK_EQ(p.scales[2].step.stage.size(), size_t(2));
-  CHECK_EQ(p.scales[2].step.stage[0].src_offset, int64_t(5 * 32));
-  CHECK_EQ(binding(p.scales[2].step.inputs, "rope.sin").buffer, std::string("stage/rope.sin"));
-  // At 512 bytes a segment of an unguided 1-row cache (1280 bytes) is staged too.
-  mh::SamplingConfig unguided;
-  unguided.cfg_scale = 0.0;
-  const mh::DecodePlan al = mh::make_plan(m, "subj01", 1, 1, unguided, {}, false, 512);
-  CHECK_EQ(binding(al.scales[2].step.inputs, "cross.0.key").buffer, std::string("stage/cross.0.key"));
-  CHECK(has_copy(al.scales[2].step.stage, "cross.0.key", "stage/cross.0.key", 320, 0, 320));
-  CHECK(has_copy(al.scales[2].step.stage, "rope.cos", "stage/rope.cos", 5 * 32, 0, 9 * 32));
-  CHECK(al.scales[0].step.stage.empty());  // offsets 0
-
-  // Guidance stops at scale 2, no profiles: ada_blocks [depth, B, 6, C] is cut to its first row by a
-  // strided copy; the rest is bound with fewer rows.
-  sc.cfg_stop = 2;
-  const mh::DecodePlan q = mh::make_plan(m, "subj01", 1, 1, sc);
-  CHECK(q.scales[1].guided && !q.scales[2].guided);
-  CHECK_EQ(q.scales[2].rows, int64_t(1));
-  CHECK_EQ(q.scales[2].step.rows, int64_t(1));
-  CHECK(q.scales[1].after.empty());
-  CHECK_EQ(q.scales[2].before.size(), size_t(1));
-  CHECK(q.scales[3].before.empty());  // cut once
-  const mh::Copy& c = q.scales[2].before[0];
-  CHECK_EQ(c.src, std::string("ada_blocks"));
-  CHECK_EQ(c.dst, std::string("ada_blocks.rows1"));
-  CHECK_EQ(c.height, int64_t(2));
-  CHECK_EQ(c.width, int64_t(6 * 64));
-  CHECK_EQ(c.src_pitch, int64_t(2 * 6 * 64));
-  CHECK_EQ(binding(q.scales[2].step.inputs, "ada_blocks").buffer, std::string("ada_blocks.rows1"));
-  CHECK_EQ(binding(q.scales[3].step.inputs, "ada_blocks").buffer, std::string("ada_blocks.rows1"));
-  CHECK_EQ(binding(q.scales[1].step.inputs, "ada_blocks").buffer, std::string("ada_blocks"));
-  CHECK((binding(q.scales[2].step.inputs, "ada_head").shape == std::vector<int64_t>{1, 2, 64}));
-  CHECK_EQ(binding(q.scales[3].step.inputs, "cross.0.key").offset, int64_t(640));  // stride of 2 rows
-  CHECK((binding(q.scales[2].step.inputs, "past_key_values.0.key").shape == std::vector<int64_t>{1, 2, 5, 32}));
-  CHECK_EQ(q.scales[2].weight, 0.0);
-
-  // With the fixture's plans (built for 1 scan x 1 sample, guided: steps fixed at 2 rows), the steps
-  // after the stop are padded to 2 rows instead, and each step uses the profile of its scale.
-  const mh::DecodePlan qp = mh::make_plan(m, "subj01", 1, 1, sc, {}, true);
-  CHECK_EQ(qp.scales[2].rows, int64_t(1));
-  CHECK_EQ(qp.scales[2].step.rows, int64_t(2));
-  CHECK(qp.scales[2].before.empty());
-  CHECK_EQ(binding(qp.scales[3].step.inputs, "ada_blocks").buffer, std::string("ada_blocks"));
-  for (size_t i = 0; i < 4; ++i) CHECK_EQ(qp.scales[i].step.profile, int(i));
-  // Unguided with those plans: the context step and the steps are padded from 1 row to 2.
-  const mh::DecodePlan up = mh::make_plan(m, "subj01", 1, 1, unguided, {}, true);
-  CHECK(up.encoder_null.graph.empty());
-  CHECK_EQ(up.context.rows, int64_t(2));
-  CHECK_EQ(up.scales[1].step.rows, int64_t(2));
-  CHECK_EQ(up.scales[1].update.rows, int64_t(1));
-  // More scans than the plans were built for: refused, naming the built rows.
-  CHECK_THROWS(mh::make_plan(m, "subj01", 2, 1, mh::SamplingConfig{}, {}, true),
-               "the plan of encoder_subj01 was built for 1 rows, this decode needs 2");
-
-  // Unguided from the start, no profiles: one batch size throughout, no copies but the encoder's.
-  const mh::DecodePlan u = mh::make_plan(m, "subj01", 1, 1, unguided);
-  CHECK_EQ(u.context.rows, int64_t(1));
-  CHECK(u.encoder_null.graph.empty());
-  for (const auto& st : u.scales) CHECK(st.before.empty() && st.after.empty() && !st.guided);
-
-  // Row ids: scan-major, scan ids from the caller; samples repeat a scan's encoder row.
-  const mh::DecodePlan r = mh::make_plan(m, "subj01", 2, 3, mh::SamplingConfig{}, {7, 9});
-  CHECK((r.row_scan == std::vector<uint32_t>{7, 7, 7, 9, 9, 9}));
-  CHECK((r.row_sample == std::vector<uint32_t>{0, 1, 2, 0, 1, 2}));
-  const mh::Copy* sample1 = nullptr;
-  for (const mh::Copy& k : r.context.stage) {
-    if (k.src == "enc.pooled" && k.dst_offset == 32) sample1 = &k;
+  // The block-causal step with an in-place cache: one buffer for past and present, write indices filled once.
+  const std::string kv_text = read_text(g_fixtures / "manifest_block_causal_kv.json");
+  const mh::Manifest kv = mh::parse_manifest(mh::json::parse(kv_text), g_fixtures);
+  const mh::ExecPlan& q = *kv.tensorrt;
+  CHECK_EQ(q.step_graph, std::string("generator_step_kv"));
+  CHECK(q.version_compatible);
+  CHECK((kv.plans.at("context").flags == std::vector<std::string>{"version_compatible"}));
+  const mh::GraphBindings& kstep = q.graph("generator_step_kv");
+  for (size_t i = 0; i < 4; ++i) {
+    CHECK_EQ(kstep.at("past_key_values.1.value").buffer[i], kstep.at("present.1.value").buffer[i]);
+    CHECK((kstep.at("past_key_values.1.value").shapes[i] == std::vector<int64_t>{2, 2, 30, 32}));
   }
-  CHECK(sample1 != nullptr);
-  if (sample1) CHECK(sample1->height == 2 && sample1->src_pitch == 32 && sample1->dst_pitch == 3 * 32);
-  std::vector<float> voxels(2 * 96);
-  for (size_t k = 0; k < voxels.size(); ++k) voxels[k] = float(k);
-  CHECK(mh::voxel_rows(r, voxels) == voxels);
-  CHECK_THROWS(mh::voxel_rows(r, std::vector<float>(96)), "expected voxels [2, 96]");
-
-  CHECK_THROWS(mh::make_plan(m, "subj09", 1, 1, mh::SamplingConfig{}), "no encoder for subject \"subj09\"");
-  // A graph input the host does not know is an error, not silently left unbound.
-  const std::string extra = replace_once(text, "\"name\": \"rope.sin\"", "\"name\": \"mystery\"");
-  const mh::Manifest bad = mh::parse_manifest(mh::json::parse(extra), g_fixtures);
-  CHECK_THROWS(mh::make_plan(bad, "subj01", 1, 1, mh::SamplingConfig{}), "\"mystery\"");
-  // The plan's JSON is valid JSON.
-  const auto doc = mh::json::parse(mh::plan_to_json(q));
-  CHECK_EQ(doc.at("scales").as_array().size(), size_t(4));
-  CHECK(mh::describe_plan(q).find("ada_blocks.rows1") != std::string::npos);
-
-  // Host sampling of one guided scale: combined rows, then the shared routine.
-  std::vector<float> logits(static_cast<size_t>(2 * 16 * 64), 0.0f);
-  for (int j = 0; j < 16; ++j) {
-    logits[size_t(j * 64 + 5)] = 1.0f;          // the cond row prefers 5 ...
-    logits[size_t((16 + j) * 64 + 5)] = 10.0f;  // ... the uncond row much more: guidance pushes away from it
-  }
-  std::vector<float> cond_only(logits.begin(), logits.begin() + 16 * 64);
-  mh::DecodePlan gp = p;
-  gp.sampling.greedy = true;
-  const auto tokens = mh::sample_scale(gp, gp.scales[3], logits);  // t = 6: logit 5 -> 7 * 1 - 6 * 10 < 0
-  CHECK(tokens == std::vector<int64_t>(16, 0));
-  gp.scales[3].guided = false, gp.scales[3].rows = 1;
-  CHECK(mh::sample_scale(gp, gp.scales[3], cond_only) == std::vector<int64_t>(16, 5));
-  cond_only.resize(8 * 64);
-  CHECK_THROWS(mh::sample_scale(gp, gp.scales[3], cond_only), "expected 1024 logits");
-  // Padded update rows get token 0.
-  mh::ScaleStep padded = gp.scales[1];
-  padded.update.rows = 3;
-  CHECK((mh::idx_rows(padded, {1, 2, 3, 4}) == std::vector<int64_t>{1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0}));
-}
-
-// The block-causal step with an in-place cache (`mindhier-rt build` with TensorScatter).
-static void test_plan_in_place_cache() {
-  const std::string text = read_text(g_fixtures / "manifest_block_causal_kv.json");
-  const mh::Manifest m = mh::parse_manifest(mh::json::parse(text), g_fixtures);
-  CHECK_EQ(m.step_graph, std::string("generator_step_kv"));
-  CHECK((m.plans.at("context").flags == std::vector<std::string>{"version_compatible"}));
-  const mh::DecodePlan p = mh::make_plan(m, "subj01", 1, 1, mh::SamplingConfig{}, {}, true);
-  for (const mh::ScaleStep& st : p.scales) {
-    CHECK_EQ(st.step.graph, std::string("generator_step_kv"));
-    const mh::Binding& past = binding(st.step.inputs, "past_key_values.1.value");
-    const mh::Binding& present = binding(st.step.outputs, "present.1.value");
-    CHECK_EQ(past.buffer, std::string("kv.1.value"));  // one cache, updated in place
-    CHECK_EQ(present.buffer, past.buffer);
-    CHECK((past.shape == std::vector<int64_t>{2, 2, 30, 32}));
-  }
-  CHECK((p.int_tables.at("write_indices") == std::vector<int64_t>{0, 0, 1, 1, 5, 5, 14, 14}));
-  CHECK_EQ(binding(p.scales[0].step.inputs, "write_indices").offset, int64_t(0));
-  // scale 1's two indices start 16 bytes in: staged to an aligned buffer
-  CHECK_EQ(binding(p.scales[1].step.inputs, "write_indices").buffer, std::string("stage/write_indices"));
-  CHECK(has_copy(p.scales[1].step.stage, "write_indices", "stage/write_indices", 2, 0, 2));
-  CHECK_EQ(p.buffers.at("write_indices").dtype, std::string("int64"));
-  CHECK_EQ(p.buffers.count("kv.0.key/0"), size_t(0));
+  CHECK_EQ(q.fills.size(), size_t(4));
+  std::vector<int64_t> values;
+  for (const mh::Fill& f : q.fills) values.push_back(f.value);
+  CHECK((values == std::vector<int64_t>{0, 1, 5, 14}));
+  CHECK_EQ(kstep.at("write_indices").offsets[1], q.fills[1].offset);
 }
 
 // ---- .npy ------------------------------------------------------------------------------------------
@@ -674,8 +530,7 @@ int main(int argc, char** argv) {
   g_fixtures = argv[1];
   const std::vector<std::pair<const char*, std::function<void()>>> tests = {
       {"json", test_json},         {"sha256", test_sha256}, {"sampling", test_sampling},
-      {"schedule", test_schedule}, {"manifest", test_manifest}, {"plan", test_plan},
-      {"plan_in_place_cache", test_plan_in_place_cache},
+      {"schedule", test_schedule}, {"manifest", test_manifest}, {"exec_plan", test_exec_plan},
       {"npy", test_npy},           {"dtype_and_image", test_dtype_and_image},
   };
   for (const auto& [name, fn] : tests) {
