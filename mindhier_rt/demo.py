@@ -26,6 +26,7 @@ from mindhier_rt.export.onnx_export import export_bundle
 from mindhier_rt.io import write_json
 from mindhier_rt.metrics import pixcorr, ssim, two_way_identification
 from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.object_probe import AttributeProbe, ProbeSettings, object_scores, train_probe
 from mindhier_rt.pipeline import reconstruct
 from mindhier_rt.runtime.base import DecodeBackend
 from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -51,14 +52,16 @@ class DemoSettings:
     vq_lr: float = 2e-3
     stage1_lr: float = 1e-3
     stage2_lr: float = 3e-3
+    probe_images: int = 3000
+    probe_steps: int = 300
     decode_subject: str = "subj01"
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(cfg_scale=2.0, top_k=20, top_p=0.9))
 
     def scaled(self, factor: float) -> DemoSettings:
         """A shorter (or longer) run: every step count times ``factor``."""
         s = DemoSettings(**{**asdict(self), "sampling": self.sampling})
-        s.vq_steps, s.stage1_steps, s.stage2_steps = (
-            max(2, int(n * factor)) for n in (self.vq_steps, self.stage1_steps, self.stage2_steps)
+        s.vq_steps, s.stage1_steps, s.stage2_steps, s.probe_steps = (
+            max(2, int(n * factor)) for n in (self.vq_steps, self.stage1_steps, self.stage2_steps, self.probe_steps)
         )
         return s
 
@@ -144,8 +147,14 @@ def run_demo(
     phase("export bundle", t0)
 
     t0 = time.perf_counter()
+    probe = train_probe(
+        cfg.image_size, seed=s.seed, settings=ProbeSettings(n_images=s.probe_images, steps=s.probe_steps)
+    )
+    phase("train object probe", t0)
+
+    t0 = time.perf_counter()
     backend = OnnxRuntimeBackend(bundle)
-    scores, recon, gt = evaluate(backend, data, s.decode_subject, s.sampling, teacher)
+    scores, recon, gt = evaluate(backend, data, s.decode_subject, s.sampling, teacher, probe)
     phase("decode + evaluate", t0)
     metrics = {
         **scores,
@@ -176,6 +185,9 @@ def write_figures(
         f"{k.replace('_', ' ')} {metrics[k]:.3f}" + (f" (chance {CHANCE[k]:.1f})" if CHANCE[k] is not None else "")
         for k in ("two_way_pixel", "two_way_feature", "pixcorr", "ssim")
     )
+    if "object" in metrics:
+        category = metrics["object"]["category"]
+        summary += f"; object category read right {category['recon']:.2f} (chance {category['chance']:.2f})"
     n = min(40, len(gt))
     grid = figures.pairs_grid(
         list(gt[:n]), list(recon[:n]), columns=10, scale=3,
@@ -216,11 +228,18 @@ def write_figures(
 
 
 def evaluate(
-    backend: DecodeBackend, data: BrainDataset, subject: str, sampling: SamplingConfig, teacher: RandomViTTeacher
+    backend: DecodeBackend,
+    data: BrainDataset,
+    subject: str,
+    sampling: SamplingConfig,
+    teacher: RandomViTTeacher,
+    probe: AttributeProbe | None = None,
 ) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Decode the held-out test scans (repeats averaged) and score them against their stimuli.
 
-    two_way_feature compares the teacher's pooled terminal features (the demo's stand-in for CLIP).
+    two_way_feature compares the teacher's pooled terminal features (the demo's stand-in for CLIP). With a
+    ``probe`` (and a data set that knows its stimuli's attributes) ``object`` says how often the probe reads
+    each reconstruction's object category, colour, position and size right (``object_probe.object_scores``).
     Returns (scores, reconstructions [N, 3, H, W], ground truth [N, 3, H, W]).
     """
     voxels, image_index = data.split(subject, "test")
@@ -237,4 +256,7 @@ def evaluate(
         "two_way_feature": round(two_way_identification(feats(recon), feats(gt)), 4),
         "n_test": len(gt),
     }
+    attrs = data.attributes()
+    if probe is not None and attrs is not None:
+        scores["object"] = object_scores(probe, recon, gt, attrs.subset(image_index))
     return scores, recon, gt
