@@ -42,12 +42,12 @@ log = logging.getLogger(__name__)
 class DemoSettings:
     preset: str = "demo"
     seed: int = 0
-    n_train: int = 1200
+    n_train: int = 6000  # NSD shows each subject about 9,000 training images; 1,200 starved stage 2
     n_test: int = 100
     repeats: int = 3
-    vq_steps: int = 500
-    stage1_steps: int = 1500
-    stage2_steps: int = 700
+    vq_steps: int = 600
+    stage1_steps: int = 600
+    stage2_steps: int = 1100
     batch_size: int = 32
     vq_lr: float = 2e-3
     stage1_lr: float = 1e-3
