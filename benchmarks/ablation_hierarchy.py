@@ -33,7 +33,7 @@ from mindhier_rt.config import preset
 from mindhier_rt.demo import DemoSettings, evaluate, synthesise, teacher_targets
 from mindhier_rt.io import atomic_write_text, write_json
 from mindhier_rt.models.mindhier import MindHier
-from mindhier_rt.object_probe import train_probe
+from mindhier_rt.object_probe import ProbeSettings, train_probe
 from mindhier_rt.runtime.torch_backend import TorchBackend
 from mindhier_rt.seed_spread import separation, spread
 from mindhier_rt.train.stages import Stage1Weights, train_stage1, train_stage2, train_vqvae
@@ -71,7 +71,7 @@ def run_seed(out: Path, s: DemoSettings) -> list[dict]:
     shared = MindHier.from_config(base_cfg, seed=s.seed)
     train_vqvae(shared, images[train_images], s.train_config("vq"), out / "vqvae", resume=False, progress=False)
     teacher, levels, text = teacher_targets(base_cfg, s.seed, images, data.captions())
-    probe = train_probe(base_cfg.image_size, seed=s.seed)
+    probe = train_probe(base_cfg.image_size, s.seed, ProbeSettings(n_images=s.probe_images, steps=s.probe_steps))
 
     encoders: dict[str, torch.nn.Module] = {}
     for conditioning, mask in (("hierarchical", None), ("single", (0.0,) * (base_cfg.n_levels - 1) + (1.0,))):
