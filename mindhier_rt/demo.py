@@ -3,8 +3,9 @@
 synthesise stimuli + two simulated subjects -> train the VQ-VAE -> stage 1 (encoder aligned to a frozen
 teacher's layer taps) -> stage 2 (generator on the token pyramids, condition dropout) -> save one
 checkpoint -> export the engine bundle -> decode the held-out test scans (repeats averaged) with
-onnxruntime through that bundle -> metrics.json and the figures: reconstructions.png (seen / reconstructed),
-progression.png (coarse to fine), metrics.png (scores against chance), losses.png.
+onnxruntime through that bundle -> the object read-out (``object_probe``) -> metrics.json and the figures:
+reconstructions.png (seen / reconstructed), progression.png (coarse to fine), metrics.png (scores against
+chance), losses.png.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class DemoSettings:
         return s
 
     def quick(self) -> DemoSettings:
-        """About a minute on 2 cores: a third of the stimuli, a tenth of the steps (a first picture, not a result)."""
+        """About a minute on 2 cores: 400 stimuli, a tenth of the steps (a first picture, not a result)."""
         s = self.scaled(0.1)
         s.n_train, s.n_test = 400, 40
         return s
