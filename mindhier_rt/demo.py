@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -250,7 +251,7 @@ def evaluate(
     def feats(x: torch.Tensor) -> torch.Tensor:
         return teacher.image_levels(x)[:, -1].mean(1)
 
-    scores = {
+    scores: dict[str, Any] = {
         "pixcorr": round(pixcorr(recon, gt), 4),
         "ssim": round(ssim(recon, gt), 4),
         "two_way_pixel": round(two_way_identification(recon.flatten(1), gt.flatten(1)), 4),

@@ -18,6 +18,8 @@ object's shape, colour, place and size rather than the sharpness of its edges.
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,7 +138,9 @@ def train_probe(size: int, seed: int = 0, settings: ProbeSettings | None = None)
         b = torch.from_numpy(rng.choice(p.n_images, size=p.batch_size, replace=False))
         sigma = torch.from_numpy(rng.uniform(0.0, max_sigma, p.batch_size).astype(np.float32))
         logits = probe(_blur(images[b], sigma))
-        loss = sum(F.cross_entropy(logits[name], labels[name][b]) for name in ATTRIBUTE_CLASSES)
+        loss = functools.reduce(
+            operator.add, [F.cross_entropy(logits[name], labels[name][b]) for name in ATTRIBUTE_CLASSES]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
