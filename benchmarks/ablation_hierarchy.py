@@ -1,15 +1,17 @@
-"""Does the hierarchy matter? An ablation on the synthetic benchmark, same data and seeds for every variant.
+"""Does the hierarchy matter? An ablation on the synthetic benchmark, the demo's seeds and recipe for every variant.
 
 Variants (everything else equal: data, VQ-VAE, step counts, learning rates, sampling, seeds):
   hierarchical_c2f  full cascaded supervision of the encoder, coarse-to-fine guidance (the method)
   hierarchical_f2c  the same encoder, fine-to-coarse guidance (scale i reads the reversed level)
   single_feature    terminal-only supervision, and every scale cross-attends to e_M
 
-The VQ-VAE is trained once and shared; the two hierarchical variants share their stage-1 encoder.
-Each variant's generator is trained for every seed in --seeds; metrics are decoded on the held-out
-test scans of subj01 (repeats averaged) and reported per seed plus mean.
+Each seed is what `benchmarks/demo_seeds.py` runs for that seed: its own synthetic data, VQ-VAE, encoders and
+generators. Within a seed the VQ-VAE is trained once and shared, and the two hierarchical variants share their
+stage-1 encoder. Metrics are decoded on the held-out test scans of subj01 (repeats averaged). The report gives
+every variant's mean, min and max over the seeds, and states a direction between two variants only where their
+per-seed values do not overlap (``mindhier_rt.seed_spread.separation``).
 
-    python benchmarks/ablation_hierarchy.py --out runs/ablation --seeds 0 1
+    python benchmarks/ablation_hierarchy.py --out runs/ablation --n-seeds 5
 
 writes benchmarks/results/ablation_hierarchy.{json,md} (and the run folder).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import platform
 import time
@@ -30,7 +33,9 @@ from mindhier_rt.config import preset
 from mindhier_rt.demo import DemoSettings, evaluate, synthesise, teacher_targets
 from mindhier_rt.io import atomic_write_text, write_json
 from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.object_probe import ProbeSettings, train_probe
 from mindhier_rt.runtime.torch_backend import TorchBackend
+from mindhier_rt.seed_spread import separation, spread
 from mindhier_rt.train.stages import Stage1Weights, train_stage1, train_stage2, train_vqvae
 
 VARIANTS = {
@@ -38,81 +43,127 @@ VARIANTS = {
     "hierarchical_f2c": {"guidance": "fine_to_coarse", "conditioning": "hierarchical"},
     "single_feature": {"guidance": "coarse_to_fine", "conditioning": "single"},
 }
-METRICS = ("pixcorr", "ssim", "two_way_pixel", "two_way_feature")
+METRICS = ("pixcorr", "ssim", "two_way_pixel", "two_way_feature", "object_category")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps-scale", type=float, default=1.0)
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args()
+def recipe(seed: int, args: argparse.Namespace) -> DemoSettings:
+    """The demo recipe for ``seed``, its steps scaled and (for smoke runs) its data sizes overridden."""
+    s = DemoSettings(seed=seed).scaled(args.steps_scale)
+    return dataclasses.replace(s, **{k: v for k in ("n_train", "n_test") if (v := getattr(args, k)) is not None})
 
-    t_start = time.perf_counter()
-    torch.manual_seed(0)
-    s = DemoSettings().scaled(args.steps_scale)
+
+def command_line(script: str, args: argparse.Namespace) -> str:
+    parts = [f"python benchmarks/{script}.py --out {args.out} --n-seeds {args.n_seeds}"]
+    parts += [f"--steps-scale {args.steps_scale}"] if args.steps_scale != 1.0 else []
+    parts += [
+        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("n_train", "n_test") if getattr(args, k) is not None
+    ]
+    return " ".join(parts)
+
+
+def run_seed(out: Path, s: DemoSettings) -> list[dict]:
+    """Every variant's scores for one seed of the demo recipe ``s``."""
+    torch.manual_seed(s.seed)
     base_cfg = preset(s.preset)
-    data, images, trials = synthesise(args.out / "data", s)
+    data, images, trials = synthesise(out / "data", s)
     train_images = torch.unique(torch.cat([t.image_index_n for t in trials]))
 
     shared = MindHier.from_config(base_cfg, seed=s.seed)
-    train_vqvae(shared, images[train_images], s.train_config("vq"), args.out / "vqvae", resume=False)
+    train_vqvae(shared, images[train_images], s.train_config("vq"), out / "vqvae", resume=False, progress=False)
     teacher, levels, text = teacher_targets(base_cfg, s.seed, images, data.captions())
+    probe = train_probe(base_cfg.image_size, s.seed, ProbeSettings(n_images=s.probe_images, steps=s.probe_steps))
 
     encoders: dict[str, torch.nn.Module] = {}
     for conditioning, mask in (("hierarchical", None), ("single", (0.0,) * (base_cfg.n_levels - 1) + (1.0,))):
         models = MindHier.from_config(base_cfg.replace(conditioning=conditioning), seed=s.seed)
         train_stage1(
-            models, trials, levels, text, s.train_config("stage1"), args.out / f"stage1_{conditioning}",
-            Stage1Weights(level_mask=mask), resume=False,
+            models, trials, levels, text, s.train_config("stage1"), out / f"stage1_{conditioning}",
+            Stage1Weights(level_mask=mask), resume=False, progress=False,
         )  # fmt: skip
         encoders[conditioning] = models.encoder
 
     rows = []
     for name, overrides in VARIANTS.items():
-        for seed in args.seeds:
-            cfg = base_cfg.replace(**overrides)
-            models = MindHier.from_config(cfg, seed=seed)
-            models.vqvae.load_state_dict(shared.vqvae.state_dict())
-            models.encoder = copy.deepcopy(encoders[overrides["conditioning"]])  # guidance does not touch stage 1
-            tcfg = dataclasses.replace(s.train_config("stage2"), seed=seed)
-            train_stage2(models, trials, images, tcfg, args.out / f"stage2_{name}_seed{seed}", resume=False)
-            sampling = dataclasses.replace(s.sampling, seed=seed)
-            scores, _, _ = evaluate(TorchBackend(models.eval()), data, s.decode_subject, sampling, teacher)
-            rows.append({"variant": name, "seed": seed, **scores})
-            print(json.dumps(rows[-1]))
+        models = MindHier.from_config(base_cfg.replace(**overrides), seed=s.seed)
+        models.vqvae.load_state_dict(shared.vqvae.state_dict())
+        models.encoder = copy.deepcopy(encoders[overrides["conditioning"]])  # guidance does not touch stage 1
+        train_stage2(models, trials, images, s.train_config("stage2"), out / f"stage2_{name}", resume=False,
+                     progress=False)  # fmt: skip
+        scores, _, _ = evaluate(TorchBackend(models.eval()), data, s.decode_subject, s.sampling, teacher, probe)
+        rows.append({"variant": name, "seed": s.seed, **{m: float(scores[m]) for m in METRICS[:4]},
+                     "object_category": float(scores["object"]["category"]["recon"])})  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
-    summary = {
-        name: {m: round(sum(r[m] for r in rows if r["variant"] == name) / len(args.seeds), 4) for m in METRICS}
-        for name in VARIANTS
-    }
-    command = "python benchmarks/ablation_hierarchy.py " + " ".join(
-        [f"--out {args.out}", "--seeds " + " ".join(map(str, args.seeds)), f"--steps-scale {args.steps_scale}"]
-    )
-    report = {
-        "command": command,
-        "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "settings": {k: v for k, v in s.__dict__.items() if k != "sampling"} | {"sampling": s.sampling.to_dict()},
-        "rows": rows,
-        "mean": summary,
-        "seconds": round(time.perf_counter() - t_start, 1),
-    }
-    args.results.mkdir(parents=True, exist_ok=True)
-    write_json(args.results / "ablation_hierarchy.json", report)
+
+def directions(rows: list[dict]) -> list[dict]:
+    """For every pair of variants and metric: ">" / "<" where the per-seed values separate, else "overlap"."""
+    out = []
+    for a, b in itertools.combinations(VARIANTS, 2):
+        for m in METRICS:
+            va = [r[m] for r in rows if r["variant"] == a]
+            vb = [r[m] for r in rows if r["variant"] == b]
+            out.append({"a": a, "b": b, "metric": m, "direction": separation(va, vb)})
+    return out
+
+
+def markdown(report: dict) -> str:
+    s = report["spread"]
     lines = [
         "# Hierarchy ablation on the synthetic benchmark",
         "",
-        f"Command: `{command}`  ",
+        f"Command: `{report['command']}`  ",
         f"Machine: {report['machine']}; {report['seconds']} s in all.",
+        "",
+        "Mean [min, max] over seeds " + ", ".join(map(str, report["seeds"])) + ":",
         "",
         "| variant | " + " | ".join(METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
     ]
-    lines += [f"| {name} | " + " | ".join(f"{summary[name][m]:.3f}" for m in METRICS) + " |" for name in VARIANTS]
-    lines += ["", f"Means over seeds {args.seeds}; per-seed rows in ablation_hierarchy.json."]
-    atomic_write_text(args.results / "ablation_hierarchy.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for name in VARIANTS:
+        cells = [f"{s[name][m]['mean']:.3f} [{s[name][m]['min']:.3f}, {s[name][m]['max']:.3f}]" for m in METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    separated = [d for d in report["directions"] if d["direction"] != "overlap"]
+    lines += ["", "Directions where every seed of one variant is above every seed of the other:"]
+    lines += [f"- {d['metric']}: {d['a']} {d['direction']} {d['b']}" for d in separated] or [
+        "- none: on every metric the variants' per-seed values overlap, so no direction is stated."
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--n-seeds", type=int, default=5)
+    parser.add_argument("--steps-scale", type=float, default=1.0)
+    parser.add_argument("--n-train", type=int, help="fewer training stimuli than the recipe (smoke runs)")
+    parser.add_argument("--n-test", type=int, help="fewer test stimuli than the recipe (smoke runs)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+
+    t_start = time.perf_counter()
+    seeds = list(range(args.n_seeds))
+    rows = [r for seed in seeds for r in run_seed(args.out / f"seed{seed}", recipe(seed, args))]
+
+    s = recipe(seeds[0], args)
+    command = command_line("ablation_hierarchy", args)
+    report = {
+        "command": command,
+        "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
+        "settings": {k: v for k, v in s.__dict__.items() if k not in ("sampling", "seed")}
+        | {"sampling": s.sampling.to_dict()},
+        "seeds": seeds,
+        "rows": rows,
+        "spread": {
+            name: spread([{m: r[m] for m in METRICS} for r in rows if r["variant"] == name]) for name in VARIANTS
+        },
+        "directions": directions(rows),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    write_json(args.results / "ablation_hierarchy.json", report)
+    atomic_write_text(args.results / "ablation_hierarchy.md", markdown(report))
+    print(markdown(report))
 
 
 if __name__ == "__main__":

@@ -29,14 +29,19 @@ def test_test_counts_match_the_recorded_run_and_the_tests_collected_now():
 
 
 def test_demo_numbers_match_the_recorded_demo():
-    path = re.search(r"\((\d+\.\d) s; `benchmarks/results/(demo_[\w.]+\.json)`\)", README)
+    path = re.search(r"\(mean (\d+\.\d) s a seed; `benchmarks/results/(demo_[\w.]+\.json)`\)", README)
     assert path, "the README no longer cites the demo's recorded metrics"
     demo = json.loads((RESULTS / path[2]).read_text())
-    assert float(path[1]) == round(demo["seconds"], 1)
+    spread = demo["spread"]
+    assert float(path[1]) == round(spread["seconds"]["mean"], 1)
+    assert re.search(rf"over {len(demo['seeds'])} seeds", README), "the README no longer says how many seeds"
     for label, key in (("pixels", "two_way_pixel"), ("teacher features", "two_way_feature"), ("PixCorr", "pixcorr"),
-                       ("SSIM", "ssim")):  # fmt: skip
-        row = re.search(rf"\| [^|]*{label} \| ([\d.]+) \|", README)
-        assert row and float(row[1]) == demo[key], (label, row and row[1], demo[key])
+                       ("SSIM", "ssim"), ("object category", "object_category"), ("object colour", "object_colour"),
+                       ("object position", "object_position"), ("object size", "object_size")):  # fmt: skip
+        row = re.search(rf"\| [^|]*{label}[^|]* \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", README)
+        assert row, label
+        recorded = (spread[key]["mean"], spread[key]["min"], spread[key]["max"])
+        assert tuple(float(x) for x in row.groups()) == recorded, (label, row.groups(), recorded)
 
 
 def test_serving_claim_matches_the_recorded_load_test():

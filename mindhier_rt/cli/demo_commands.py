@@ -13,7 +13,7 @@ def synth(
     preset_name: Annotated[
         str, typer.Option("--preset", help="subjects and image size come from this preset")
     ] = "demo",
-    n_train: Annotated[int, typer.Option(min=1)] = 1200,
+    n_train: Annotated[int, typer.Option(min=1)] = 6000,
     n_test: Annotated[int, typer.Option(min=2)] = 100,
     repeats: Annotated[int, typer.Option(min=1, help="presentations of each test image")] = 3,
     seed: Annotated[int, typer.Option(min=0)] = 0,

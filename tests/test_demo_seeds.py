@@ -1,0 +1,120 @@
+"""The demo over seeds and the hierarchy ablation: the spread over seeds, when a direction is stated, the reports."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from mindhier_rt.seed_spread import separation, spread
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spread_is_mean_min_max_per_key() -> None:
+    got = spread([{"a": 0.8, "b": 1.0}, {"a": 0.9, "b": 3.0}, {"a": 0.85, "b": 2.0}])
+    assert got == {"a": {"mean": 0.85, "min": 0.8, "max": 0.9}, "b": {"mean": 2.0, "min": 1.0, "max": 3.0}}
+    with pytest.raises(ValueError, match="at least one row"):
+        spread([])
+    with pytest.raises(ValueError, match="the keys"):
+        spread([{"a": 1.0}, {"b": 1.0}])
+
+
+def test_a_direction_needs_every_seed_on_one_side() -> None:
+    assert separation([0.9, 0.91, 0.95], [0.8, 0.85, 0.89]) == ">"
+    assert separation([0.8, 0.85], [0.86, 0.9]) == "<"
+    assert separation([0.8, 0.9], [0.85, 0.95]) == "overlap"  # means differ, spreads overlap
+    assert separation([0.9], [0.1]) == "overlap"  # one seed separates nothing
+
+
+def _metrics(seed: int) -> dict:
+    chance = (("category", 0.1667), ("colour", 0.125), ("position", 0.1111), ("size", 0.3333))
+    obj = {name: {"recon": 0.5 + 0.01 * seed, "ground_truth": 0.99, "chance": c} for name, c in chance}
+    return {"two_way_pixel": 0.9 + 0.01 * seed, "two_way_feature": 0.92, "pixcorr": 0.5, "ssim": 0.4,
+            "seconds": 400.0 + seed, "object": obj}  # fmt: skip
+
+
+def test_demo_seeds_report_lists_every_metric_with_its_spread() -> None:
+    demo_seeds = load("demo_seeds")
+    rows = [demo_seeds.flat_scores(_metrics(seed)) for seed in range(3)]
+    assert rows[2]["object_category"] == 0.52 and rows[0]["object_size_ground_truth"] == 0.99
+    report = {
+        "command": "python benchmarks/demo_seeds.py --out x --n-seeds 3",
+        "machine": "test",
+        "seconds": 1.0,
+        "seeds": [0, 1, 2],
+        "spread": spread(rows),
+        "object_chance": {k: v["chance"] for k, v in _metrics(0)["object"].items()},
+    }
+    md = demo_seeds.markdown(report)
+    assert "| two_way_pixel | 0.9100 | 0.9000 | 0.9200 | 0.5 |" in md
+    assert "| object_category | 0.5100 | 0.5000 | 0.5200 | 0.167 |" in md
+    assert "| seconds | 401.0000 | 400.0000 | 402.0000 |  |" in md
+
+
+def test_the_recipe_of_a_smoke_run_overrides_only_what_it_names() -> None:
+    demo_seeds = load("demo_seeds")
+    args = argparse.Namespace(out=Path("o"), n_seeds=2, steps_scale=0.5, n_train=40, n_test=None)
+    s = demo_seeds.recipe(3, args)
+    full = demo_seeds.DemoSettings(seed=3)
+    assert (s.seed, s.n_train, s.n_test, s.vq_steps) == (3, 40, full.n_test, full.vq_steps // 2)
+    assert demo_seeds.command_line("demo_seeds", args) == (
+        "python benchmarks/demo_seeds.py --out o --n-seeds 2 --steps-scale 0.5 --n-train 40"
+    )
+
+
+def test_ablation_states_a_direction_only_where_the_seeds_separate() -> None:
+    ablation = load("ablation_hierarchy")
+    rows = []
+    for seed in range(3):
+        for name, base in (("hierarchical_c2f", 0.9), ("hierarchical_f2c", 0.7), ("single_feature", 0.88)):
+            value = base + 0.01 * seed * (1 if name != "single_feature" else 3)
+            rows.append({"variant": name, "seed": seed, **{m: value for m in ablation.METRICS}})
+    found = {(d["a"], d["b"], d["metric"]): d["direction"] for d in ablation.directions(rows)}
+    assert found[("hierarchical_c2f", "hierarchical_f2c", "two_way_pixel")] == ">"
+    assert found[("hierarchical_c2f", "single_feature", "two_way_pixel")] == "overlap"  # 0.90-0.92 vs 0.88-0.94
+    assert found[("hierarchical_f2c", "single_feature", "pixcorr")] == "<"
+    report = {
+        "command": "c", "machine": "m", "seconds": 1.0, "seeds": [0, 1, 2], "directions": ablation.directions(rows),
+        "spread": {n: spread([{m: r[m] for m in ablation.METRICS} for r in rows if r["variant"] == n])
+                   for n in ablation.VARIANTS},
+    }  # fmt: skip
+    md = ablation.markdown(report)
+    assert "| hierarchical_c2f | 0.910 [0.900, 0.920]" in md
+    assert "- two_way_pixel: hierarchical_c2f > hierarchical_f2c" in md
+    assert "hierarchical_c2f > single_feature" not in md and "single_feature > hierarchical_c2f" not in md
+
+
+@pytest.mark.slow
+def test_ablation_runs_end_to_end_on_a_tiny_setting(tmp_path) -> None:
+    ablation = load("ablation_hierarchy")
+    results = tmp_path / "results"
+    ablation.main(["--out", str(tmp_path / "run"), "--n-seeds", "2", "--steps-scale", "0.003", "--n-train", "48",
+                   "--n-test", "6", "--results", str(results)])  # fmt: skip
+    report = json.loads((results / "ablation_hierarchy.json").read_text())
+    assert report["seeds"] == [0, 1] and len(report["rows"]) == 2 * len(ablation.VARIANTS)
+    assert set(report["spread"]) == set(ablation.VARIANTS)
+    assert "--n-train 48" in report["command"]
+    assert (results / "ablation_hierarchy.md").read_text().startswith("# Hierarchy ablation")
+
+
+@pytest.mark.slow
+def test_demo_seeds_runs_end_to_end_on_a_tiny_setting(tmp_path) -> None:
+    demo_seeds = load("demo_seeds")
+    results = tmp_path / "results"
+    demo_seeds.main(["--out", str(tmp_path / "run"), "--n-seeds", "2", "--steps-scale", "0.003", "--n-train", "48",
+                     "--n-test", "6", "--results", str(results), "--name", "smoke"])  # fmt: skip
+    report = json.loads((results / "smoke.json").read_text())
+    assert report["seeds"] == [0, 1] and [r["seed"] for r in report["runs"]] == [0, 1]
+    assert {"two_way_pixel", "object_category", "object_category_ground_truth"} <= set(report["spread"])
+    assert report["settings"]["n_train"] == 48
