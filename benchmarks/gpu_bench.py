@@ -23,7 +23,7 @@ Then, at batch 1 and 1 sample of each preset:
   child process capped at ``--compile-cap`` seconds, compile time reported, timed in turns with the fast backend.
 
 Then the image decoder alone in float32, float16 and bfloat16, NCHW and channels-last (``bench_decoder``), and the
-kernels: ``mindhier_rt.kernels.scale_attention.benchmark`` on the teacher-forced pyramid of each preset.
+kernels: ``mindhier_rt.kernels.scale_attention_costs.benchmark`` on the teacher-forced pyramid of each preset.
 
     python benchmarks/gpu_bench.py --out results/ [--presets mindhier-256,mindhier-512] [--batches 1,4]
         [--samples 1,4] [--repeats 5] [--warmup 2] [--dtype bfloat16] [--device cuda]
@@ -380,7 +380,8 @@ def bench_decoder(fast: FastTorchBackend, args: argparse.Namespace) -> list[dict
 
 def bench_kernels(names: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
-        from mindhier_rt.kernels.scale_attention import HAS_TRITON, benchmark
+        from mindhier_rt.kernels.scale_attention import HAS_TRITON
+        from mindhier_rt.kernels.scale_attention_costs import benchmark
     except ImportError as e:
         return [{"skipped": f"kernel module not importable: {e}"}]
     if not HAS_TRITON or args.device != "cuda":

@@ -1,4 +1,4 @@
-"""Block-sparse scale-masked attention forward in Triton, its PyTorch reference, costs and a benchmark.
+"""Block-sparse scale-masked attention forward in Triton and its PyTorch reference.
 
 Every attention mask of this model lets a run of queries see ONE contiguous run of keys, a *range*
 ``(q0, q1, k0, k1)`` with exclusive ends (``Schedule.key_ranges``): the queries of one scale see their own scale
@@ -25,7 +25,7 @@ results match the reference to ~1e-6 relative; fp16/bf16 inputs feed the tensor 
 Backends: CUDA tensors run the compiled kernel. CPU tensors run only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before this module is imported), in float32; that is how the CPU tests run.
 ``HAS_TRITON`` says whether Triton imported; without it this module still imports and the references,
-range helpers and cost functions work, while the kernel raises a ``BackendError`` saying how to install it.
+range helpers work, while the kernel raises a ``BackendError`` saying how to install it.
 
 Backward: none. Training runs the reference path, ``F.scaled_dot_product_attention`` with the dense boolean
 mask (``models.attention.attention``), because the forward is what inference needs: decoding and the
@@ -40,25 +40,19 @@ rounded up to a power of two (>= 16) and masked.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import itertools
-import json
 import logging
-import math
-import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from mindhier_rt.errors import BackendError, ConfigError
 from mindhier_rt.kernels import import_triton, require_runnable
-from mindhier_rt.schedule import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +64,7 @@ KINDS: tuple[str, ...] = ("cross", "scale_local", "block_causal")
 
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the second grid axis, which holds B * H
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 
 # ---- the kernel --------------------------------------------------------------------------------------
@@ -271,7 +265,7 @@ def launch_config(head_dim: int, block_m: int | None = None, block_n: int | None
     return LaunchConfig(block_m, block_n, block_d, num_warps=4, num_stages=stages)
 
 
-def _normalize_ranges(ranges: Sequence[Sequence[int]]) -> tuple[Range, ...]:
+def normalize_ranges(ranges: Sequence[Sequence[int]]) -> tuple[Range, ...]:
     out = []
     for j, r in enumerate(ranges):
         if len(r) != 4:
@@ -281,14 +275,14 @@ def _normalize_ranges(ranges: Sequence[Sequence[int]]) -> tuple[Range, ...]:
 
 
 @dataclass(frozen=True)
-class _RangeSummary:
+class RangeSummary:
     q_max: int  # largest query end
     k_max: int  # largest key end
     covered: int  # queries covered by some range (no overlaps, so the sum of the query lengths)
 
 
 @functools.lru_cache(maxsize=512)
-def _check_ranges(ranges: tuple[Range, ...]) -> _RangeSummary:
+def check_ranges(ranges: tuple[Range, ...]) -> RangeSummary:
     """Structural checks that do not depend on tensor shapes: cached per ranges tuple."""
     if not ranges:
         raise ConfigError("expected at least one (q_start, q_end, k_start, k_end) range, got none")
@@ -306,14 +300,14 @@ def _check_ranges(ranges: tuple[Range, ...]) -> _RangeSummary:
     for a, b in itertools.pairwise(by_start):
         if b[0] < a[1]:
             raise ConfigError(f"query ranges must not overlap: {a} and {b} both cover query {b[0]}")
-    return _RangeSummary(
+    return RangeSummary(
         q_max=max(r[1] for r in ranges),
         k_max=max(r[3] for r in ranges),
         covered=sum(r[1] - r[0] for r in ranges),
     )
 
 
-def _check_bounds(ranges: tuple[Range, ...], summary: _RangeSummary, n_queries: int, n_keys: int) -> None:
+def _check_bounds(ranges: tuple[Range, ...], summary: RangeSummary, n_queries: int, n_keys: int) -> None:
     if summary.q_max > n_queries:
         bad = next(r for r in ranges if r[1] > n_queries)
         raise ConfigError(f"range {bad} ends past the queries: expected q_end <= Lq = {n_queries}, got {bad[1]}")
@@ -323,9 +317,9 @@ def _check_bounds(ranges: tuple[Range, ...], summary: _RangeSummary, n_queries: 
 
 
 @functools.lru_cache(maxsize=512)
-def _tile_rows(ranges: tuple[Range, ...], block_m: int) -> tuple[Range, ...]:
+def tile_rows(ranges: tuple[Range, ...], block_m: int) -> tuple[Range, ...]:
     """Each range's queries cut into BLOCK_M tiles, longest key range first (the heaviest tiles launch first)."""
-    _check_ranges(ranges)
+    check_ranges(ranges)
     rows = [
         (t, min(t + block_m, q1), k0, k1)
         for q0, q1, k0, k1 in sorted(ranges, key=lambda r: r[3] - r[2], reverse=True)
@@ -342,7 +336,7 @@ def tile_table(ranges: tuple[Range, ...], block_m: int, device: torch.device) ->
     scheduled first and the short ones fill the tail of the launch. Warm it up before a CUDA graph capture:
     the first call for a (ranges, BLOCK_M, device) copies the table to the device.
     """
-    return torch.tensor(_tile_rows(ranges, block_m), dtype=torch.int32, device=device).reshape(-1, 4)
+    return torch.tensor(tile_rows(ranges, block_m), dtype=torch.int32, device=device).reshape(-1, 4)
 
 
 def _check_tensors(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None) -> None:
@@ -357,9 +351,9 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor, out: Tensor | None) -> None:
         )
     if not 1 <= q.shape[3] <= MAX_HEAD_DIM:
         raise ConfigError(f"head dim must be in 1..{MAX_HEAD_DIM}, got {q.shape[3]}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         raise ConfigError(
-            f"q, k, v must share one dtype of {[str(d) for d in _DTYPES]}, got {q.dtype}, {k.dtype}, {v.dtype}"
+            f"q, k, v must share one dtype of {[str(d) for d in DTYPES]}, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if not (q.device == k.device == v.device):
         raise ConfigError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -374,7 +368,7 @@ def _check_backend(q: Tensor) -> None:
     require_runnable(q, HAS_TRITON, _INTERPRETED, _TRITON_MISSING, __name__)
 
 
-def _new_out(q: Tensor, summary: _RangeSummary) -> Tensor:
+def _new_out(q: Tensor, summary: RangeSummary) -> Tensor:
     return torch.empty_like(q) if summary.covered == q.shape[2] else torch.zeros_like(q)
 
 
@@ -399,8 +393,8 @@ def scale_masked_attention(
     ranges, BackendError when Triton cannot run here (no Triton; CPU tensors without the interpreter).
     """
     _check_tensors(q, k, v, out)
-    key = _normalize_ranges(ranges)
-    summary = _check_ranges(key)
+    key = normalize_ranges(ranges)
+    summary = check_ranges(key)
     _check_bounds(key, summary, q.shape[2], k.shape[2])
     _check_backend(q)
     B, H, _, c = q.shape
@@ -549,8 +543,8 @@ def dense_mask(
     ranges: Sequence[Sequence[int]], n_queries: int, n_keys: int, device: torch.device | str | None = None
 ) -> Tensor:
     """Bool [Lq, Lk] mask (True = may attend) of a set of ranges: what SDPA and the reference take."""
-    key = _normalize_ranges(ranges)
-    _check_bounds(key, _check_ranges(key), n_queries, n_keys)
+    key = normalize_ranges(ranges)
+    _check_bounds(key, check_ranges(key), n_queries, n_keys)
     mask_LS = torch.zeros(n_queries, n_keys, dtype=torch.bool, device=device)
     for q0, q1, k0, k1 in key:
         mask_LS[q0:q1, k0:k1] = True
@@ -567,8 +561,8 @@ def scale_masked_attention_ref(
 ) -> Tensor:
     """Pure-PyTorch reference of ``scale_masked_attention``: dense bool mask, float32 softmax, same semantics."""
     _check_tensors(q, k, v, out)
-    key = _normalize_ranges(ranges)
-    summary = _check_ranges(key)
+    key = normalize_ranges(ranges)
+    summary = check_ranges(key)
     _check_bounds(key, summary, q.shape[2], k.shape[2])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     mask_LS = dense_mask(key, q.shape[2], k.shape[2], device=q.device)
@@ -580,226 +574,3 @@ def scale_masked_attention_ref(
     out_BHLc = _new_out(q, summary) if out is None else out
     out_BHLc[:, :, rows_L] = o_BHlc.to(q.dtype)
     return out_BHLc
-
-
-# ---- schedule -> ranges --------------------------------------------------------------------------------
-def ranges_for_step(schedule: Schedule, i: int, kind: Kind, cached: bool = True) -> tuple[Range, ...]:
-    """The ranges of decode step ``i`` (queries = the l_i tokens of scale i).
-
-    cross: ``schedule.step_cross_ranges(i)`` against the full context K/V [B, H, S, c]: one range
-    (0, l_i, seg * T, (seg + 1) * T) with the training context map, one per run of tokens reading one segment
-    with the reference-pipeline map (several where the scale's tokens read several segments).
-    block_causal: (0, l_i, 0, offset_i + l_i) against the preallocated self-attention cache (whole or its
-    prefix view; ``cached`` does not change it: block-causal keys always come from the cache).
-    scale_local: (0, l_i, offset_i, offset_i + l_i) against the preallocated cache when ``cached``, else
-    (0, l_i, 0, l_i) against the scale's own K/V.
-    """
-    if kind not in KINDS:
-        raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not 0 <= i < schedule.n_scales:
-        raise ConfigError(f"scale index must be in 0..{schedule.n_scales - 1}, got {i}")
-    if kind == "cross":
-        return schedule.step_cross_ranges(i)
-    _, _, k0, k1 = schedule.key_ranges(kind)[i]
-    n = schedule.token_counts[i]
-    if kind == "scale_local" and not cached:
-        k0, k1 = 0, n
-    return ((0, n, k0, k1),)
-
-
-# ---- costs ---------------------------------------------------------------------------------------------
-def attention_cost(
-    ranges: Sequence[Sequence[int]],
-    batch: int,
-    heads: int,
-    head_dim: int,
-    dtype_bytes: int,
-    *,
-    block_m: int | None = None,
-    block_n: int | None = None,
-) -> dict[str, Any]:
-    """FLOPs and bytes of one ``scale_masked_attention`` call (tile sizes as the kernel would pick them).
-
-    flops: 4 c per allowed (query, key) pair (q.k and p.v, a multiply-add each), times B H.
-    softmax_exps: one exp per allowed pair (the other softmax ops are a few per pair, not counted as flops).
-    mma_flops: what the tensor cores actually execute: full BLOCK_M x BLOCK_N x BLOCK_D tiles, padding included.
-    bytes: q read and out written once per query, plus each query tile's K and V loads over its key range:
-    the load traffic the kernel issues (an upper bound on DRAM traffic, since tiles of one range re-read
-    the same K/V, which L2 often serves). The 16-byte tile-table row per program is left out.
-    """
-    key = _normalize_ranges(ranges)
-    cfg = launch_config(head_dim, block_m, block_n)
-    bh = batch * heads
-    pairs = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in key)
-    queries = _check_ranges(key).covered
-    rows = _tile_rows(key, cfg.block_m)
-    kv_per_tile = sum(k1 - k0 for _, _, k0, k1 in rows)
-    key_steps = sum(math.ceil((k1 - k0) / cfg.block_n) for _, _, k0, k1 in rows)
-    flops = 4 * head_dim * pairs * bh
-    bytes_q_out = 2 * queries * head_dim * dtype_bytes * bh
-    bytes_kv = 2 * kv_per_tile * head_dim * dtype_bytes * bh
-    total_bytes = bytes_q_out + bytes_kv
-    return {
-        "pairs": pairs * bh,
-        "flops": flops,
-        "softmax_exps": pairs * bh,
-        "mma_flops": 4 * cfg.block_m * cfg.block_n * cfg.block_d * key_steps * bh,
-        "bytes": total_bytes,
-        "bytes_q_out": bytes_q_out,
-        "bytes_kv": bytes_kv,
-        "arithmetic_intensity": flops / total_bytes,
-        "n_tiles": len(rows),
-        "block_m": cfg.block_m,
-        "block_n": cfg.block_n,
-    }
-
-
-def _dense_shape(schedule: Schedule, kind: str) -> tuple[int, int]:
-    return schedule.total_tokens, schedule.context_length if kind == "cross" else schedule.total_tokens
-
-
-def mask_savings(schedule: Schedule) -> dict[str, float]:
-    """Per kind, the fraction of the dense [L, Lk] (query, key) work that the mask skips.
-
-    cross: each scale reads one of M context segments, so 1 - 1/M. scale_local: 1 - sum n_i^2 / L^2.
-    block_causal: 1 - sum n_i (offset_i + n_i) / L^2.
-    """
-    out = {}
-    for kind in KINDS:
-        n_q, n_k = _dense_shape(schedule, kind)
-        allowed = sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1 in schedule.key_ranges(kind))
-        out[kind] = 1.0 - allowed / (n_q * n_k)
-    return out
-
-
-def cost_report(preset_name: str = "mindhier-512", batch: int = 1, dtype_bytes: int = 2) -> dict[str, Any]:
-    """Mask savings and per-kind kernel costs (block-sparse vs one dense range) of a preset's pyramid."""
-    from mindhier_rt.config import preset
-
-    cfg = preset(preset_name)
-    sched, heads, head_dim = cfg.schedule, cfg.generator.heads, cfg.generator.head_dim
-    kinds = {}
-    for kind in KINDS:
-        n_q, n_k = _dense_shape(sched, kind)
-        sparse = attention_cost(sched.key_ranges(kind), batch, heads, head_dim, dtype_bytes)
-        dense = attention_cost([(0, n_q, 0, n_k)], batch, heads, head_dim, dtype_bytes)
-        kinds[kind] = {
-            "block_sparse": sparse,
-            "dense": dense,
-            "flops_ratio": sparse["flops"] / dense["flops"],
-            "bytes_ratio": sparse["bytes"] / dense["bytes"],
-        }
-    return {
-        "preset": preset_name,
-        "batch": batch,
-        "heads": heads,
-        "head_dim": head_dim,
-        "dtype_bytes": dtype_bytes,
-        "tokens": sched.total_tokens,
-        "context_tokens": sched.context_length,
-        "mask_savings": mask_savings(sched),
-        "kinds": kinds,
-    }
-
-
-# ---- benchmark (GPU) -----------------------------------------------------------------------------------
-def _time_cuda(fn: Callable[[], object], warmup: int, repeats: int) -> float:
-    """Median milliseconds of ``fn`` over ``repeats`` calls after ``warmup``, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def benchmark(
-    preset_name: str = "mindhier-512",
-    batch: int = 2,
-    dtype: torch.dtype = torch.float16,
-    warmup: int = 10,
-    repeats: int = 50,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Time the kernel against SDPA with the equivalent dense boolean mask on a preset's teacher-forced pyramid.
-
-    For each kind (cross, scale_local, block_causal): random q [B, H, L, c] and k, v [B, H, Lk, c] on the GPU,
-    the median of ``repeats`` timed calls after ``warmup``. TFLOP/s count the useful work (4 c per allowed
-    pair) for both, so they compare directly; ``speedup`` = SDPA ms / kernel ms. ``max_abs_diff`` checks
-    the two agree. Returns a JSON-ready dict.
-    """
-    if not torch.cuda.is_available():
-        raise BackendError("benchmark needs a CUDA GPU; torch.cuda.is_available() is False")
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {[str(d) for d in _DTYPES]}, got {dtype}")
-    from mindhier_rt.config import preset
-
-    cfg = preset(preset_name)
-    sched, H, c = cfg.schedule, cfg.generator.heads, cfg.generator.head_dim
-    dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    results: dict[str, Any] = {}
-    for kind in KINDS:
-        n_q, n_k = _dense_shape(sched, kind)
-        q, k, v = (torch.randn(batch, H, n, c, device=dev, dtype=dtype, generator=gen) for n in (n_q, n_k, n_k))
-        ranges = sched.key_ranges(kind)
-        mask_LS = dense_mask(ranges, n_q, n_k, device=dev)
-        out = torch.empty_like(q)
-        run_kernel = functools.partial(scale_masked_attention, q, k, v, ranges, out=out)
-        run_sdpa = functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask_LS)
-        ms_kernel = _time_cuda(run_kernel, warmup, repeats)
-        ms_sdpa = _time_cuda(run_sdpa, warmup, repeats)
-        ref = run_sdpa()
-        flops = attention_cost(ranges, batch, H, c, dtype_bytes)["flops"]
-        results[kind] = {
-            "ms_kernel": ms_kernel,
-            "ms_sdpa_dense_mask": ms_sdpa,
-            "tflops_kernel": flops / ms_kernel / 1e9,
-            "tflops_sdpa": flops / ms_sdpa / 1e9,
-            "speedup": ms_sdpa / ms_kernel,
-            "max_abs_diff": (out.float() - ref.float()).abs().max().item(),
-            "queries": n_q,
-            "keys": n_k,
-        }
-        log.info("%s %s: kernel %.3f ms, SDPA %.3f ms", preset_name, kind, ms_kernel, ms_sdpa)
-    return {
-        "preset": preset_name,
-        "device": torch.cuda.get_device_name(dev),
-        "dtype": str(dtype).removeprefix("torch."),
-        "batch": batch,
-        "heads": H,
-        "head_dim": c,
-        "warmup": warmup,
-        "repeats": repeats,
-        "triton": triton.__version__ if HAS_TRITON else None,
-        "torch": torch.__version__,
-        "kinds": results,
-    }
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m mindhier_rt.kernels.scale_attention [--preset P] [--benchmark]``: print costs (and timings)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="mindhier-512")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--benchmark", action="store_true", help="time kernel vs SDPA (needs a CUDA GPU)")
-    parser.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16")
-    args = parser.parse_args(argv)
-    dtype = getattr(torch, args.dtype)
-    report: dict[str, Any] = {
-        "costs": cost_report(args.preset, args.batch, torch.empty((), dtype=dtype).element_size())
-    }
-    if args.benchmark:
-        report["benchmark"] = benchmark(args.preset, args.batch, dtype)
-    print(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from mindhier_rt.config import preset
 from mindhier_rt.errors import BackendError, ConfigError
 from mindhier_rt.kernels import scale_attention as sa
+from mindhier_rt.kernels import scale_attention_costs as sac
 from mindhier_rt.schedule import Schedule
 
 CPU_RTOL = 1e-4  # float32, interpreter or IEEE fp32 dots on a GPU
@@ -169,7 +170,7 @@ def test_decode_steps_reproduce_the_teacher_forced_rows(kind, cached, context_ma
         sl = s.scale_slice(i)
         if kind != "cross":
             cache_B2SHc[:, :, sl] = kv_B2SHc[:, :, sl]  # write this scale's K/V at its offset
-        step_ranges = sa.ranges_for_step(s, i, kind, cached)
+        step_ranges = sac.ranges_for_step(s, i, kind, cached)
         assert sum(q1 - q0 for q0, q1, _, _ in step_ranges) == s.token_counts[i]
         k, v = (cache_k, cache_v) if cached else (k_BHSc[:, :, sl], v_BHSc[:, :, sl])
         q = q_BHLc[:, :, sl]
@@ -181,18 +182,18 @@ def test_decode_steps_reproduce_the_teacher_forced_rows(kind, cached, context_ma
 
 def test_ranges_for_step_values():
     s = sched(3, 7)  # offsets 0, 1, 5, 14, 30, 66; segments 0, 0, 1, 1, 2
-    assert sa.ranges_for_step(s, 3, "cross") == ((0, 16, 7, 14),)
-    assert sa.ranges_for_step(s, 3, "block_causal") == ((0, 16, 0, 30),)
-    assert sa.ranges_for_step(s, 3, "scale_local") == ((0, 16, 14, 30),)
-    assert sa.ranges_for_step(s, 3, "scale_local", cached=False) == ((0, 16, 0, 16),)
+    assert sac.ranges_for_step(s, 3, "cross") == ((0, 16, 7, 14),)
+    assert sac.ranges_for_step(s, 3, "block_causal") == ((0, 16, 0, 30),)
+    assert sac.ranges_for_step(s, 3, "scale_local") == ((0, 16, 14, 30),)
+    assert sac.ranges_for_step(s, 3, "scale_local", cached=False) == ((0, 16, 0, 16),)
     # reference-pipeline map, M = 3 of 5 scales: scale 3's first 5 pyramid rows are scales 0-1 (segment 0 ->
     # mirrored 2), rows 5..13 scale 2 (segment 1 -> 1), rows 14..15 scale 3 (segment 1 -> 1)
     r = sched(3, 7, context_map="reference-pipeline")
-    assert sa.ranges_for_step(r, 3, "cross") == ((0, 5, 14, 21), (5, 16, 7, 14))
+    assert sac.ranges_for_step(r, 3, "cross") == ((0, 5, 14, 21), (5, 16, 7, 14))
     with pytest.raises(ConfigError, match="scale index"):
-        sa.ranges_for_step(s, 5, "cross")
+        sac.ranges_for_step(s, 5, "cross")
     with pytest.raises(ConfigError, match="kind"):
-        sa.ranges_for_step(s, 0, "causal")
+        sac.ranges_for_step(s, 0, "causal")
 
 
 # ---- tile table -----------------------------------------------------------------------------------------
@@ -289,7 +290,7 @@ def test_module_imports_and_explains_itself_without_triton(monkeypatch):
 # ---- costs ----------------------------------------------------------------------------------------------
 def test_mask_savings_of_mindhier_512():
     s = preset("mindhier-512").schedule
-    savings = sa.mask_savings(s)
+    savings = sac.mask_savings(s)
     assert savings["cross"] == pytest.approx(1 - 1 / s.n_levels, abs=1e-12)
     dense = {"cross": s.cross_attn_mask(), **{m: s.self_attn_mask(m) for m in ("scale_local", "block_causal")}}
     for kind, mask in dense.items():
@@ -304,7 +305,7 @@ def test_attention_cost_matches_a_brute_force_count(kind, block_m, block_n):
     ranges = s.key_ranges(kind)
     B, H, c, nbytes = 2, 3, 48, 2
     mask = s.cross_attn_mask() if kind == "cross" else s.self_attn_mask(kind)
-    cost = sa.attention_cost(ranges, B, H, c, nbytes, block_m=block_m, block_n=block_n)
+    cost = sac.attention_cost(ranges, B, H, c, nbytes, block_m=block_m, block_n=block_n)
     assert cost["flops"] == 4 * c * int(mask.sum()) * B * H
     assert cost["softmax_exps"] == int(mask.sum()) * B * H
     kv_loads, tiles, steps = 0, 0, 0
@@ -321,7 +322,7 @@ def test_attention_cost_matches_a_brute_force_count(kind, block_m, block_n):
 
 
 def test_cost_report_of_mindhier_512():
-    report = sa.cost_report("mindhier-512")
+    report = sac.cost_report("mindhier-512")
     assert report["heads"] == 30 and report["head_dim"] == 64 and report["tokens"] == 2240
     assert report["kinds"]["cross"]["flops_ratio"] == pytest.approx(0.25)
     for kind in sa.KINDS:
@@ -436,7 +437,7 @@ def test_gpu_kernel_matches_reference(dtype, kind, head_dim):
 @gpu
 @needs_cuda
 def test_gpu_benchmark_runs_on_a_small_preset():
-    result = sa.benchmark("small", batch=2, warmup=2, repeats=5)
+    result = sac.benchmark("small", batch=2, warmup=2, repeats=5)
     for kind in sa.KINDS:
         r = result["kinds"][kind]
         assert r["ms_kernel"] > 0 and r["ms_sdpa_dense_mask"] > 0 and r["max_abs_diff"] < 2e-2
