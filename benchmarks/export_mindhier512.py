@@ -50,7 +50,7 @@ def main() -> None:
 
     bundle = export_bundle(models, args.out, subjects=args.subjects.split(","), on_graph=on_graph)
     t_export = time.perf_counter() - t0
-    files = bundle.manifest["files"]
+    files = bundle.spec.files
     report = {
         "command": f"python benchmarks/export_mindhier512.py --out {args.out} --subjects {args.subjects}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -59,9 +59,9 @@ def main() -> None:
         "export_seconds": round(t_export, 1),
         "peak_rss_gib_after_build": round(rss_build, 2),
         "peak_rss_gib": round(peak_rss_gib(), 2),
-        "bundle_gib": round(sum(m["bytes"] for m in files.values()) / 2**30, 2),
+        "bundle_gib": round(sum(m.bytes for m in files.values()) / 2**30, 2),
         "largest_files_gib": {
-            k: round(v["bytes"] / 2**30, 2) for k, v in sorted(files.items(), key=lambda kv: -kv[1]["bytes"])[:5]
+            k: round(v.bytes / 2**30, 2) for k, v in sorted(files.items(), key=lambda kv: -kv[1].bytes)[:5]
         },
     }
     args.results.mkdir(parents=True, exist_ok=True)

@@ -83,7 +83,7 @@ def main() -> None:
     got = generate(ort, torch.tensor(LABELS), sampling)
     t_ort = time.perf_counter() - t0
     agree = [float((a == b).float().mean()) for a, b in zip(ref.tokens, got.tokens, strict=True)]
-    files = bundle.manifest["files"]
+    files = bundle.spec.files
     report = {
         "command": f"python benchmarks/var_d16_export.py --work {work}",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -98,8 +98,8 @@ def main() -> None:
             "torch_generate_2_labels": round(t_torch, 1),
             "onnxruntime_generate_2_labels": round(t_ort, 1),
         },
-        "bundle_gb": round(sum(f["bytes"] for f in files.values()) / 1e9, 3),
-        "graphs": sorted(bundle.manifest["graphs"]),
+        "bundle_gb": round(sum(f.bytes for f in files.values()) / 1e9, 3),
+        "graphs": sorted(bundle.spec.graphs),
         "token_agreement_per_scale": agree,
         "image_max_abs_diff": float((ref.images_NS3HW - got.images_NS3HW).abs().max()),
         "decode_json": json.loads((work / "decoded" / "decode.json").read_text())["images"],

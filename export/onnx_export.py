@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from mindhier_rt.bundle import Bundle, staged_bundle, write_manifest
+from mindhier_rt.bundle import tensor_names as tn
 from mindhier_rt.errors import BackendError, ConfigError
 from mindhier_rt.execution import exporting
 from mindhier_rt.export.checks import check_graph
@@ -141,28 +142,28 @@ def graph_exports(
             continue
         exports.append(
             GraphExport(
-                f"encoder_{subject}",
+                tn.encoder_graph(subject),
                 EncoderGraph(models.encoder, subject),
                 (torch.zeros(B, voxels, **f),),
-                ["voxels"],
-                ["pooled", "context"],
+                [tn.VOXELS],
+                [tn.POOLED, tn.CONTEXT],
                 ({0: rows},),
             )
         )
-    cross_names = [f"cross.{j}.{kv}" for j in range(d) for kv in ("key", "value")] if g.cross_attention else []
+    cross_names = tn.per_layer(tn.cross_kv, d) if g.cross_attention else []
     if g.condition == "class":
         context_args: tuple = (torch.tensor([0, g.num_classes]),)
-        context_inputs, context_dyn = ["labels"], ({0: rows},)
+        context_inputs, context_dyn = [tn.LABELS], ({0: rows},)
     else:
         context_args = (torch.randn(B, g.pooled_dim or D, **f), torch.randn(B, M * T, D, **f))
-        context_inputs, context_dyn = ["pooled", "context"], ({0: rows}, {0: rows})
+        context_inputs, context_dyn = [tn.POOLED, tn.CONTEXT], ({0: rows}, {0: rows})
     exports.append(
         GraphExport(
-            "context",
+            tn.CONTEXT_GRAPH,
             ContextGraph(models.generator),
             context_args,
             context_inputs,
-            ["start", "ada_blocks", "ada_head", *cross_names],
+            [tn.START, tn.ADA_BLOCKS, tn.ADA_HEAD, *cross_names],
             context_dyn,
         )
     )
@@ -171,34 +172,34 @@ def graph_exports(
     l, off = sched.token_counts[i], sched.offsets[i]
     step_args: list[Tensor] = []
     step_dyn: list[dict] = []
-    step_inputs = ["h"]
+    step_inputs = [tn.H]
     if g.rope:
         step_args += [
             models.generator.rope_cos_Lc[off : off + l].to(dtype),
             models.generator.rope_sin_Lc[off : off + l].to(dtype),
         ]
         step_dyn += [{0: tokens}, {0: tokens}]
-        step_inputs += ["rope.cos", "rope.sin"]
+        step_inputs += [tn.ROPE_COS, tn.ROPE_SIN]
     step_args += [torch.randn(d, B, 6, C, **f), torch.randn(B, 2, C, **f)]
     step_dyn += [{1: rows}, {0: rows}]
-    step_inputs += ["ada_blocks", "ada_head"]
+    step_inputs += [tn.ADA_BLOCKS, tn.ADA_HEAD]
     if g.cross_attention and not sched.single_segment:  # per-token context map: the segment of every token
         step_args.append(torch.tensor(sched.segment_of_token[sched.scale_slice(i)]))
         step_dyn.append({0: tokens})
-        step_inputs.append("cross.segment")
+        step_inputs.append(tn.CROSS_SEGMENT)
     step_inputs += cross_names
     cross_tokens = T if sched.single_segment else M * T
     step_args += [torch.randn(B, H, cross_tokens, c, **f) for _ in cross_names]
     step_dyn += [{0: rows} for _ in cross_names]
-    step_outputs = ["logits"]
+    step_outputs = [tn.LOGITS]
     if g.attn_mode == "block_causal":
         step_args += [torch.randn(B, H, off, c, **f) for _ in range(2 * d)]
         step_dyn += [{0: rows, 2: past} for _ in range(2 * d)]
-        step_inputs += [f"past_key_values.{j}.{kv}" for j in range(d) for kv in ("key", "value")]
-        step_outputs += [f"present.{j}.{kv}" for j in range(d) for kv in ("key", "value")]
+        step_inputs += tn.per_layer(tn.past_kv, d)
+        step_outputs += tn.per_layer(tn.present_kv, d)
     exports.append(
         GraphExport(
-            "generator_step",
+            tn.STEP_GRAPH,
             StepGraph(models.generator),
             (torch.randn(B, l, C, **f), *step_args),
             step_inputs,
@@ -210,21 +211,21 @@ def graph_exports(
         last = i == sched.n_scales - 1
         exports.append(
             GraphExport(
-                f"update_{i}",
+                tn.update_graph(i),
                 UpdateGraph(models.vqvae, models.generator, i),
                 (torch.zeros(B, E, n, n, **f), torch.zeros(B, count, dtype=torch.long)),
-                ["f_hat", "idx"],
-                ["f_hat_next"] if last else ["f_hat_next", "h_next"],
+                [tn.F_HAT, tn.IDX],
+                [tn.F_HAT_NEXT] if last else [tn.F_HAT_NEXT, tn.H_NEXT],
                 ({0: rows}, {0: rows}),
             )
         )
     exports.append(
         GraphExport(
-            "vq_decoder",
+            tn.DECODER_GRAPH,
             DecoderGraph(models.vqvae),
             (torch.zeros(B, E, n, n, **f),),
-            ["f_hat"],
-            ["image"],
+            [tn.F_HAT],
+            [tn.IMAGE],
             ({0: rows},),
         )
     )
@@ -257,11 +258,11 @@ def _export_one(spec: GraphExport, path: Path) -> dict[str, Any]:
     out_specs = []
     for name, t in zip(spec.outputs, outs, strict=True):
         dims = dict(axis_names)
-        if spec.name == "context" and name not in ("start", "ada_head"):
+        if spec.name == tn.CONTEXT_GRAPH and name not in (tn.START, tn.ADA_HEAD):
             # ada_blocks [depth, rows, 6, C]; cross [M, rows, H, T, c] (per-token context map: [rows, H, S, c])
-            dims = {0: "rows"} if t.ndim == 4 and name.startswith("cross.") else {1: "rows"}
-        if spec.name == "generator_step":
-            dims = {0: "rows", 1: "tokens"} if name == "logits" else {0: "rows", 2: "past+tokens"}
+            dims = {0: "rows"} if t.ndim == 4 and name.startswith(tn.CROSS_PREFIX) else {1: "rows"}
+        if spec.name == tn.STEP_GRAPH:
+            dims = {0: "rows", 1: "tokens"} if name == tn.LOGITS else {0: "rows", 2: "past+tokens"}
         out_specs.append(_tensor_spec(name, t, dims))
     check_graph(path)
     entry: dict[str, Any] = {"file": path.name, "inputs": ins, "outputs": out_specs}
@@ -362,10 +363,10 @@ def _write_bundle(
     if g.rope:
         np.save(out / "rope_cos.npy", models.generator.rope_cos_Lc.float().numpy())
         np.save(out / "rope_sin.npy", models.generator.rope_sin_Lc.float().numpy())
-        tables = {"rope_cos": "rope_cos.npy", "rope_sin": "rope_sin.npy"}
+        tables = {tn.ROPE_COS_TABLE: f"{tn.ROPE_COS_TABLE}.npy", tn.ROPE_SIN_TABLE: f"{tn.ROPE_SIN_TABLE}.npy"}
     if g.cross_attention and not cfg.schedule.single_segment:  # the per-token context map, [L] int64
         np.save(out / "cross_segment.npy", np.asarray(cfg.schedule.segment_of_token, dtype=np.int64))
-        tables["cross_segment"] = "cross_segment.npy"
+        tables[tn.CROSS_SEGMENT_TABLE] = f"{tn.CROSS_SEGMENT_TABLE}.npy"
     rows = batch * samples * (2 if sampling.cfg_scale > 0 else 1)
     encoder_subjects = cfg.encoder.subjects if cfg.encoder is not None else ()
     condition: dict[str, Any] = {"kind": g.condition}

@@ -1,10 +1,13 @@
-"""Names of the bundle's graphs, graph tensors and tables that the TensorRT side binds by name (Python).
+"""Names of the bundle's graphs, graph tensors and tables (Python): the exporter writes them, the onnxruntime and
+TensorRT backends and the builder bind by them.
 
 ``export/cpp/tensor_names.hpp`` holds the same names for the C++ host; tests/test_cpp_host.py checks that the
 two agree. A tensor that sits in several graphs under one name (``f_hat``) is one constant.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 # graphs
 CONTEXT_GRAPH = "context"
@@ -18,6 +21,7 @@ UPDATE_PREFIX = "update_"
 VOXELS = "voxels"
 POOLED = "pooled"
 CONTEXT = "context"  # the encoder's token output and the context step's second input
+LABELS = "labels"  # the context step's input for class-conditional models (VAR)
 
 # context step outputs read by every generator step
 START = "start"
@@ -54,6 +58,26 @@ def encoder_graph(subject: str) -> str:
 
 def update_graph(scale: int) -> str:
     return f"{UPDATE_PREFIX}{scale}"
+
+
+KV = ("key", "value")
+
+
+def cross_kv(layer: int, kv: str) -> str:
+    return f"{CROSS_PREFIX}{layer}.{kv}"
+
+
+def past_kv(layer: int, kv: str) -> str:
+    return f"{PAST_PREFIX}{layer}.{kv}"
+
+
+def present_kv(layer: int, kv: str) -> str:
+    return f"{PRESENT_PREFIX}{layer}.{kv}"
+
+
+def per_layer(name: Callable[[int, str], str], depth: int) -> list[str]:
+    """Key then value of every layer: the order the graphs take and give them."""
+    return [name(j, kv) for j in range(depth) for kv in KV]
 
 
 def is_step_graph(graph: str) -> bool:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from mindhier_rt.bundle import Bundle, OnnxGraph
+from mindhier_rt.bundle import tensor_names as tn
 from mindhier_rt.errors import BackendError, BundleError
 from mindhier_rt.runtime.base import DecodeBackend, ScaleUpdate
 
@@ -123,15 +124,15 @@ class OnnxRuntimeBackend(DecodeBackend):
         self._sessions: dict[str, object] = {}
         self.dtype = np.dtype(self.bundle.spec.dtype)
         self.rope_cos = self.rope_sin = None  # VAR blocks have no rotary tables
-        if "rope_cos" in self.bundle.spec.tables:
-            self.rope_cos = self.bundle.load_table("rope_cos").astype(self.dtype)
-            self.rope_sin = self.bundle.load_table("rope_sin").astype(self.dtype)
+        if tn.ROPE_COS_TABLE in self.bundle.spec.tables:
+            self.rope_cos = self.bundle.load_table(tn.ROPE_COS_TABLE).astype(self.dtype)
+            self.rope_sin = self.bundle.load_table(tn.ROPE_SIN_TABLE).astype(self.dtype)
         self.block_causal = self.cfg.generator.attn_mode == "block_causal"
         g = self.cfg.generator
         # per-token context map (reference-pipeline): each step reads the whole context and its tokens' segments
         self.cross_segment = None
-        if "cross_segment" in self.bundle.spec.tables:
-            table = self.bundle.load_table("cross_segment")
+        if tn.CROSS_SEGMENT_TABLE in self.bundle.spec.tables:
+            table = self.bundle.load_table(tn.CROSS_SEGMENT_TABLE)
             want = np.asarray(self.cfg.schedule.segment_of_token, dtype=np.int64)
             if table.shape != want.shape or not np.array_equal(table, want):
                 raise BundleError(
@@ -193,15 +194,15 @@ class OnnxRuntimeBackend(DecodeBackend):
 
     def encode(self, voxels_BV: Tensor, subject: str) -> tuple[Tensor, Tensor]:
         self.bundle.encoder_graph(subject)
-        pooled, context = self.run(f"encoder_{subject}", {"voxels": self._in(voxels_BV)})
+        pooled, context = self.run(tn.encoder_graph(subject), {tn.VOXELS: self._in(voxels_BV)})
         return self._out(pooled), self._out(context)
 
     def prepare(self, pooled_BD: Tensor, context_BSD: Tensor | None) -> OrtState:
         if self.class_condition:  # class labels, no context
-            feeds = {"labels": pooled_BD.detach().cpu().numpy().astype(np.int64)}
+            feeds = {tn.LABELS: pooled_BD.detach().cpu().numpy().astype(np.int64)}
         else:
-            feeds = {"pooled": self._in(pooled_BD), "context": self._in(context_BSD)}
-        start, ada_blocks, ada_head, *cross = self.run("context", feeds)
+            feeds = {tn.POOLED: self._in(pooled_BD), tn.CONTEXT: self._in(context_BSD)}
+        start, ada_blocks, ada_head, *cross = self.run(tn.CONTEXT_GRAPH, feeds)
         past = None
         if self.block_causal:
             H, c = self._empty_past
@@ -223,20 +224,22 @@ class OnnxRuntimeBackend(DecodeBackend):
         sched = self.cfg.schedule
         tokens, segment = sched.scale_slice(i), sched.segment_of_scale[i]
         h = state.start if i == 0 else self._in(h_BlC)
-        feeds = {"h": h, "ada_blocks": state.ada_blocks, "ada_head": state.ada_head}
+        feeds = {tn.H: h, tn.ADA_BLOCKS: state.ada_blocks, tn.ADA_HEAD: state.ada_head}
         if self.rope_cos is not None:
-            feeds["rope.cos"], feeds["rope.sin"] = self.rope_cos[tokens], self.rope_sin[tokens]
+            feeds[tn.ROPE_COS], feeds[tn.ROPE_SIN] = self.rope_cos[tokens], self.rope_sin[tokens]
         per_token = self.cross_segment is not None
         if per_token and state.cross:
-            feeds["cross.segment"] = self.cross_segment[tokens]
+            feeds[tn.CROSS_SEGMENT] = self.cross_segment[tokens]
         for j in range(self.cfg.generator.depth):
             if state.cross:
-                feeds[f"cross.{j}.key"] = state.cross[2 * j] if per_token else state.cross[2 * j][segment]
-                feeds[f"cross.{j}.value"] = state.cross[2 * j + 1] if per_token else state.cross[2 * j + 1][segment]
+                feeds[tn.cross_kv(j, "key")] = state.cross[2 * j] if per_token else state.cross[2 * j][segment]
+                feeds[tn.cross_kv(j, "value")] = (
+                    state.cross[2 * j + 1] if per_token else state.cross[2 * j + 1][segment]
+                )
             if state.past is not None:
-                feeds[f"past_key_values.{j}.key"] = state.past[2 * j]
-                feeds[f"past_key_values.{j}.value"] = state.past[2 * j + 1]
-        logits, *present = self.run("generator_step", feeds)
+                feeds[tn.past_kv(j, "key")] = state.past[2 * j]
+                feeds[tn.past_kv(j, "value")] = state.past[2 * j + 1]
+        logits, *present = self.run(tn.STEP_GRAPH, feeds)
         if state.past is not None:
             state.past = present
         return self._out(logits)
@@ -246,9 +249,10 @@ class OnnxRuntimeBackend(DecodeBackend):
         return torch.zeros(batch, self.cfg.latent_dim, n, n)
 
     def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> ScaleUpdate:
-        outs = self.run(f"update_{i}", {"f_hat": self._in(f_hat_BEhw), "idx": idx_Bl.cpu().numpy().astype(np.int64)})
+        feeds = {tn.F_HAT: self._in(f_hat_BEhw), tn.IDX: idx_Bl.cpu().numpy().astype(np.int64)}
+        outs = self.run(tn.update_graph(i), feeds)
         return ScaleUpdate(self._out(outs[0]), self._out(outs[1]) if len(outs) > 1 else None)
 
     def decode_image(self, f_hat_BEhw: Tensor) -> Tensor:
-        (image,) = self.run("vq_decoder", {"f_hat": self._in(f_hat_BEhw)})
+        (image,) = self.run(tn.DECODER_GRAPH, {tn.F_HAT: self._in(f_hat_BEhw)})
         return self._out(image)
