@@ -45,7 +45,7 @@ def check_voxels(runner: DecodeBackend, voxels_NV: np.ndarray, subject: str, sou
         raise InputError(f"model {runner.cfg.name} is class-conditional: pass --class-label N instead of --fmri")
     if runner.cfg.encoder is None:
         raise InputError(f"model {runner.cfg.name} has no fMRI encoder: it cannot decode voxels")
-    expected = runner.cfg.encoder.voxel_count(subject)
+    expected = runner.voxel_count(subject)  # the backend contract: the checkpoint's or the bundle's count
     if voxels_NV.shape[1] != expected:
         raise InputError(f"{source}: subject {subject} expects {expected} voxels per scan, got {voxels_NV.shape[1]}")
 
