@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import itertools
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -38,27 +38,15 @@ from mindhier_rt.runtime.torch_backend import TorchBackend
 from mindhier_rt.seed_spread import separation, spread
 from mindhier_rt.train.stages import Stage1Weights, train_stage1, train_stage2, train_vqvae
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # demo_seeds: the one home of the seed-run options
+from demo_seeds import add_seed_arguments, command_line, recipe
+
 VARIANTS = {
     "hierarchical_c2f": {"guidance": "coarse_to_fine", "conditioning": "hierarchical"},
     "hierarchical_f2c": {"guidance": "fine_to_coarse", "conditioning": "hierarchical"},
     "single_feature": {"guidance": "coarse_to_fine", "conditioning": "single"},
 }
 METRICS = ("pixcorr", "ssim", "two_way_pixel", "two_way_feature", "object_category")
-
-
-def recipe(seed: int, args: argparse.Namespace) -> DemoSettings:
-    """The demo recipe for ``seed``, its steps scaled and (for smoke runs) its data sizes overridden."""
-    s = DemoSettings(seed=seed).scaled(args.steps_scale)
-    return dataclasses.replace(s, **{k: v for k in ("n_train", "n_test") if (v := getattr(args, k)) is not None})
-
-
-def command_line(script: str, args: argparse.Namespace) -> str:
-    parts = [f"python benchmarks/{script}.py --out {args.out} --n-seeds {args.n_seeds}"]
-    parts += [f"--steps-scale {args.steps_scale}"] if args.steps_scale != 1.0 else []
-    parts += [
-        f"--{k.replace('_', '-')} {getattr(args, k)}" for k in ("n_train", "n_test") if getattr(args, k) is not None
-    ]
-    return " ".join(parts)
 
 
 def run_seed(out: Path, s: DemoSettings) -> list[dict]:
@@ -133,12 +121,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
-    parser.add_argument("--n-seeds", type=int, default=5)
-    parser.add_argument("--steps-scale", type=float, default=1.0)
-    parser.add_argument("--n-train", type=int, help="fewer training stimuli than the recipe (smoke runs)")
-    parser.add_argument("--n-test", type=int, help="fewer test stimuli than the recipe (smoke runs)")
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    add_seed_arguments(parser, Path("runs/ablation"))
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()

@@ -28,6 +28,16 @@ METRICS = ("two_way_pixel", "two_way_feature", "pixcorr", "ssim", "seconds")
 OBJECT_ATTRIBUTES = ("category", "colour", "position", "size")
 
 
+def add_seed_arguments(parser: argparse.ArgumentParser, out: Path) -> None:
+    """The options of a run over seeds (this script's and the hierarchy ablation's); ``recipe`` reads them."""
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--n-seeds", type=int, default=5)
+    parser.add_argument("--steps-scale", type=float, default=1.0)
+    parser.add_argument("--n-train", type=int, help="fewer training stimuli than the recipe (smoke runs)")
+    parser.add_argument("--n-test", type=int, help="fewer test stimuli than the recipe (smoke runs)")
+    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+
+
 def recipe(seed: int, args: argparse.Namespace) -> DemoSettings:
     """The demo recipe for ``seed``, its steps scaled and (for smoke runs) its data sizes overridden."""
     s = DemoSettings(seed=seed).scaled(args.steps_scale)
@@ -80,12 +90,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo_seeds"))
-    parser.add_argument("--n-seeds", type=int, default=5)
-    parser.add_argument("--steps-scale", type=float, default=1.0)
-    parser.add_argument("--n-train", type=int, help="fewer training stimuli than the recipe (smoke runs)")
-    parser.add_argument("--n-test", type=int, help="fewer test stimuli than the recipe (smoke runs)")
-    parser.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    add_seed_arguments(parser, Path("runs/demo_seeds"))
     parser.add_argument("--name", default="demo_seeds_cpu", help="result file stem")
     args = parser.parse_args(argv)
 

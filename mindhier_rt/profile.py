@@ -29,7 +29,7 @@ import mindhier_rt.pipeline as pipeline
 from mindhier_rt.config import ModelConfig
 from mindhier_rt.costs import Cost, decode_costs
 from mindhier_rt.errors import ConfigError, InputError
-from mindhier_rt.runtime.base import DecodeBackend
+from mindhier_rt.runtime.base import DecodeBackend, ScaleUpdate
 from mindhier_rt.sampling import SamplingConfig
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class TimedBackend:
         with self._timer("context"):
             return self._backend.prepare(pooled_BD, context_BSD)
 
-    def step(self, i: int, state: Any, x_BlE: Tensor | None) -> Tensor:
+    def step(self, i: int, state: Any, h_BlC: Tensor | None) -> Tensor:
         with self._timer(f"step {i}"):
-            return self._backend.step(i, state, x_BlE)
+            return self._backend.step(i, state, h_BlC)
 
     def choose_tokens(
         self,
@@ -96,7 +96,7 @@ class TimedBackend:
         with self._timer(f"sample {scale}"):
             return self._backend.choose_tokens(logits_BlV, scfg, scale, guidance, scan_ids, sample_ids)
 
-    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> tuple[Tensor, Tensor | None]:
+    def update(self, i: int, f_hat_BEhw: Tensor, idx_Bl: Tensor) -> ScaleUpdate:
         with self._timer(f"update {i}"):
             return self._backend.update(i, f_hat_BEhw, idx_Bl)
 
