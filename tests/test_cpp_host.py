@@ -346,7 +346,20 @@ def _first(plan: dict, graph: str = "context") -> dict:
     return plan["bindings"][graph][0]
 
 
+def _inflate_first_shape(plan: dict) -> None:
+    """The first binding's leading size far past the plan's rows, with its buffer grown to hold it."""
+    b = _first(plan)
+    b["shapes"][0][0] = 1 << 16
+    nbytes = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}[b["dtype"]] * math.prod(b["shapes"][0])
+    plan["buffers"][b["buffer"][0]] = -(-(b["offsets"][0] + nbytes) // 256) * 256
+
+
 HOSTILE = {
+    "buffer larger than its use": (
+        lambda t: t["buffers"].__setitem__("context.pooled", 1 << 40),
+        "its bindings, tables and fills use",
+    ),
+    "shape past the rows": (_inflate_first_shape, "does not fit the graph's"),
     "offset past the buffer": (lambda t: _first(t)["offsets"].__setitem__(0, 1 << 20), "do not fit in buffer"),
     "misaligned offset": (lambda t: _first(t)["offsets"].__setitem__(0, 8), "not a multiple of 256"),
     "unknown buffer": (lambda t: _first(t)["buffer"].__setitem__(0, "nowhere"), 'no buffer "nowhere"'),

@@ -676,6 +676,14 @@ def test_double_refuses_an_output_over_an_input_it_does_not_alias(bundle_copy, t
         reconstruct(backend, torch.zeros(1, 96), "subj01", SamplingConfig(seed=1))
 
 
+def _inflate_context_rows(plan: dict) -> None:
+    """The context step's pooled input at 4,096 rows (the plan has 8), in a buffer grown to hold it."""
+    pooled = next(b for b in plan["bindings"]["context"] if b["name"] == "pooled")
+    pooled["shapes"][0][0] = 4096
+    nbytes = 4 * pooled["shapes"][0][0] * pooled["shapes"][0][1]
+    plan["buffers"][pooled["buffer"][0]] = -(-(pooled["offsets"][0] + nbytes) // 256) * 256
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -686,8 +694,10 @@ def test_double_refuses_an_output_over_an_input_it_does_not_alias(bundle_copy, t
         (lambda t: t["buffers"].__setitem__("context.pooled", -1), "an integer >= 0"),
         (lambda t: t.__setitem__("plan_version", 1), "plan version 1 is not supported"),
         (lambda t: t["tables"][0]["layout"].append([0, 1 << 20, 0]), "a place inside buffer"),
+        (lambda t: t["buffers"].__setitem__("context.pooled", 1 << 40), "the furthest byte its bindings"),
+        (_inflate_context_rows, "shapes of pooled that fit"),
     ],
-    ids=["offset", "alignment", "buffer", "tensor", "size", "version", "table"],
+    ids=["offset", "alignment", "buffer", "tensor", "size", "version", "table", "unused bytes", "shape"],
 )
 def test_hostile_plans_are_refused_when_read(bundle_copy, tmp_path, change, message):
     from mindhier_rt.errors import BundleError

@@ -1,5 +1,6 @@
 #include "exec_plan.hpp"
 
+#include <algorithm>
 #include <cstdio>
 #include <set>
 #include <sstream>
@@ -65,6 +66,20 @@ class Reader {
       throw HostError(f.path + ": " + std::to_string(bytes) + " bytes at offset " + std::to_string(offset) +
                       " do not fit in buffer " + buffer + " (" + std::to_string(buffers.at(buffer)) + " bytes)");
     }
+    used[buffer] = std::max(used[buffer], offset + bytes);
+  }
+
+  // No buffer larger than its furthest use, aligned up: a plan cannot ask for memory that nothing binds.
+  void check_sizes(const Field& f) const {
+    for (const auto& [name, bytes] : buffers) {
+      const auto u = used.find(name);
+      const int64_t furthest = u == used.end() ? 0 : u->second;
+      const int64_t bound = (furthest + kPlanAlignment - 1) / kPlanAlignment * kPlanAlignment;
+      if (bytes > bound) {
+        throw HostError(f["buffers"].join(name) + ": " + std::to_string(bytes) + " bytes, more than the " +
+                        std::to_string(bound) + " its bindings, tables and fills use");
+      }
+    }
   }
 
   TensorBinding binding(const Field& f, size_t profiles) const {
@@ -119,6 +134,7 @@ class Reader {
   }
 
   std::map<std::string, int64_t> buffers;
+  mutable std::map<std::string, int64_t> used;  // the furthest byte any span reaches, per buffer
 };
 
 }  // namespace
@@ -217,6 +233,7 @@ ExecPlan parse_exec_plan(const Field& f) {
     r.span(x, fill.buffer, fill.offset, fill.count * 8, false);
     p.fills.push_back(std::move(fill));
   }
+  r.check_sizes(f);
   return p;
 }
 
@@ -236,6 +253,20 @@ void check_exec_plan(const ExecPlan& p, const Manifest& m) {
       if (t->dtype != b.dtype) {
         throw HostError("tensorrt.bindings." + g.graph + ": " + b.name + " is " + b.dtype + " in the plan, " +
                         t->dtype + " in the graph: rebuild the plans");
+      }
+      // the graph's rank and fixed sizes; a symbolic size at most the plan's rows or the pyramid's tokens
+      for (const std::vector<int64_t>& shape : b.shapes) {
+        bool fits = shape.size() == t->shape.size();
+        for (size_t d = 0; fits && d < shape.size(); ++d) {
+          const Dim& dim = t->shape[d];
+          const int64_t limit = dim.symbol == "rows" ? p.rows : m.schedule.total_tokens;
+          fits = dim.symbolic() ? shape[d] <= limit : shape[d] == dim.value;
+        }
+        if (!fits) {
+          throw HostError("tensorrt.bindings." + g.graph + ": a shape of " + b.name +
+                          " does not fit the graph's (rows <= " + std::to_string(p.rows) + ", tokens <= " +
+                          std::to_string(m.schedule.total_tokens) + ")");
+        }
       }
     }
     if (!m.plans.count(g.graph)) throw HostError("the manifest has no plan file for graph " + g.graph);

@@ -243,10 +243,17 @@ def _plans(f: _Field) -> dict[str, PlanSpec]:
     return plans
 
 
-def _check_decode_plan(top: _Field, plan: DecodePlan, graphs: dict[str, GraphSpec], tables: dict[str, str]) -> None:
-    """The recorded bindings name the graphs' own inputs and outputs, and the tables exist (a dtype that differs
-    is the backend's to report: the plans were built for other graphs)."""
+def _check_decode_plan(
+    top: _Field, plan: DecodePlan, graphs: dict[str, GraphSpec], tables: dict[str, str], cfg: ModelConfig
+) -> None:
+    """The recorded bindings name the graphs' own inputs and outputs with their shapes, and the tables exist (a
+    dtype that differs is the backend's to report: the plans were built for other graphs).
+
+    A bound shape has its tensor's rank and fixed sizes; a symbolic size is at most the plan's rows (``rows``) or
+    the pyramid's tokens (``tokens``, ``past+tokens``, ...). With every buffer no larger than its furthest use
+    (``parse_decode_plan``), the memory a plan asks for is bounded by the rows it was built for and the model."""
     where = top.key("tensorrt")
+    tokens = cfg.schedule.total_tokens
     for graph, table in plan.bindings.items():
         spec = graphs.get(graph)
         if spec is None:
@@ -260,6 +267,19 @@ def _check_decode_plan(top: _Field, plan: DecodePlan, graphs: dict[str, GraphSpe
                     f"a binding for each input and output of graph {graph} (the graph has {', '.join(sorted(tensors))})"
                 )
             )
+        for t in (*spec.inputs, *spec.outputs):
+            for shape in table[t.name].shapes:
+                fits = len(shape) == len(t.shape) and all(
+                    n == d if isinstance(d, int) else n <= (plan.rows.rows if d == "rows" else tokens)
+                    for n, d in zip(shape, t.shape, strict=True)
+                )
+                if not fits:
+                    raise (
+                        where.key("bindings")
+                        .key(graph)
+                        .error(f"shapes of {t.name} that fit {list(t.shape)} (rows <= {plan.rows.rows}, tokens <= "
+                               f"{tokens}), not {list(shape)}")
+                    )  # fmt: skip
     for upload in plan.tables:
         if upload.table not in tables:
             raise where.key("tables").error(f"tables of the bundle (no table {upload.table!r})")
@@ -364,7 +384,7 @@ def parse_manifest(doc: object, source: str) -> Manifest:
     if (manifest.plans is None) != (manifest.tensorrt is None):
         raise top.error("both plans and tensorrt (written together by `mindhier-rt build`), or neither")
     if manifest.tensorrt is not None:
-        _check_decode_plan(top, manifest.tensorrt, graphs, tables)
+        _check_decode_plan(top, manifest.tensorrt, graphs, tables, manifest.config)
     unlisted = [rel for rel in manifest.read_files() if rel not in files]
     if unlisted:
         raise BundleError(

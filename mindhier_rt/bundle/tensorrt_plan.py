@@ -187,6 +187,7 @@ class _Reader:
         for name, size in self.buffers.items():
             if not name or size > MAX_BYTES:
                 raise f.key("buffers").error(f"buffer names with sizes <= {MAX_BYTES}")
+        self.used = dict.fromkeys(self.buffers, 0)
 
     def buffer(self, f: JsonField) -> str:
         name = f.str()
@@ -200,6 +201,20 @@ class _Reader:
         if offset + nbytes > self.buffers[buffer]:
             size = self.buffers[buffer]
             raise f.error(f"a place inside buffer {buffer} ({size} bytes; this needs {offset} + {nbytes})")
+        self.used[buffer] = max(self.used[buffer], offset + nbytes)
+
+    def check_sizes(self) -> None:
+        """No buffer larger than its furthest use (aligned up): a plan cannot ask for memory nothing binds."""
+        for name, size in self.buffers.items():
+            if size > align_up(self.used[name]):
+                raise (
+                    self.f.key("buffers")
+                    .key(name)
+                    .error(
+                        f"at most {align_up(self.used[name])} bytes (the furthest byte its bindings, tables and "
+                        "fills use)"
+                    )
+                )
 
     def dtype(self, f: JsonField) -> str:
         dtype = f.str()
@@ -291,7 +306,7 @@ def parse_decode_plan(f: JsonField) -> DecodePlan:
     step_graph = f.key("step_graph").str()
     if not tn.is_step_graph(step_graph) or step_graph not in bindings:
         raise f.key("step_graph").error("generator_step or generator_step_kv, with bindings")
-    return DecodePlan(
+    plan = DecodePlan(
         rows=rows,
         self_cache=self_cache,  # type: ignore[arg-type]  # checked against SELF_CACHES above
         step_graph=step_graph,
@@ -301,3 +316,5 @@ def parse_decode_plan(f: JsonField) -> DecodePlan:
         fills=tuple(reader.fill(x) for x in f.key("fills").elements()),
         version_compatible=f.key("version_compatible").bool(),
     )
+    reader.check_sizes()
+    return plan
