@@ -92,6 +92,9 @@ class GeneratorConfig:
     # "switti": Switti's table (first half turns with the column, computed in float32), for imported weights.
     rope_layout: RopeLayout = "rows_first"
     crop_unit: float = 1.0  # the uncropped crop condition is (crop_unit, crop_unit, 0, 0); Switti: 512 (pixels)
+    # learned absolute positions pos_1LC on switti blocks as well (var blocks always have them). RoPE only turns
+    # self-attention, so without them a token cannot tell where it is when it reads the cross-attention context
+    abs_pos: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -108,8 +111,13 @@ class GeneratorConfig:
 
     @property
     def rope(self) -> bool:
-        """Rotary positions (switti blocks) rather than learned absolute ones (var blocks)."""
+        """Rotary positions in self-attention (switti blocks)."""
         return self.block == "switti"
+
+    @property
+    def absolute_positions(self) -> bool:
+        """Learned absolute positions ``pos_1LC`` added to every token's input (var blocks, or ``abs_pos``)."""
+        return self.block == "var" or self.abs_pos
 
 
 @dataclass(frozen=True)
@@ -304,7 +312,7 @@ def _demo() -> ModelConfig:
             ffn_dim=128,
             text_tokens=4,
         ),
-        generator=GeneratorConfig(depth=3, width=96, heads=2),
+        generator=GeneratorConfig(depth=3, width=96, heads=2, abs_pos=True),
         vqvae=VQVAEConfig(ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8),
     )
 

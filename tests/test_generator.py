@@ -24,7 +24,7 @@ def random_inputs(cfg, batch=2, seed=0):
     return pooled, context, idx
 
 
-@pytest.mark.parametrize("name", ["tiny", "small"])
+@pytest.mark.parametrize("name", ["tiny", "small", "demo"])  # demo: switti blocks with abs_pos
 @pytest.mark.parametrize("mode", MODES)
 def test_incremental_equals_teacher_forced(name, mode):
     torch.manual_seed(0)
@@ -43,6 +43,33 @@ def test_incremental_equals_teacher_forced(name, mode):
     assert teacher.shape == (2, s.total_tokens, cfg.vocab_size)
     assert teacher.std() > 1e-2  # the check is not vacuous
     assert max_rel_err(incremental, teacher) < 1e-5
+
+
+def test_absolute_positions_on_switti_blocks(tmp_path):
+    """``abs_pos`` gives switti blocks a learned position per pyramid token (RoPE alone leaves a token blind to
+    where it is when it reads the context): the logits depend on it, and a checkpoint keeps it."""
+    from mindhier_rt.models.mindhier import MindHier
+
+    cfg = preset("tiny")
+    assert ScaleGenerator(cfg).pos_1LC is None  # switti blocks default to RoPE only
+    cfg = cfg.replace(abs_pos=True)
+    assert cfg.generator.rope and cfg.generator.absolute_positions
+    torch.manual_seed(0)
+    models = MindHier.from_config(cfg, seed=0).eval()
+    gen = models.generator
+    assert gen.pos_1LC is not None and tuple(gen.pos_1LC.shape) == (1, cfg.schedule.total_tokens, cfg.generator.width)
+    pooled, context, idx = random_inputs(cfg)
+    x = models.vqvae.teacher_inputs(idx)
+    with torch.no_grad():
+        before = gen(pooled, context, x)
+        gen.pos_1LC.add_(torch.randn_like(gen.pos_1LC))
+        moved = gen(pooled, context, x)
+    assert max_rel_err(moved, before) > 1e-2
+    models.save(tmp_path / "m.safetensors")
+    loaded = MindHier.load(tmp_path / "m.safetensors").eval()
+    assert loaded.cfg.generator.abs_pos
+    with torch.no_grad():
+        assert torch.equal(loaded.generator(pooled, context, x), moved)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -22,7 +22,11 @@ from mindhier_rt.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from mindhier_rt.runtime.torch_backend import TorchBackend
 from mindhier_rt.sampling import SamplingConfig
 
-CASES = [("tiny", "scale_local"), ("tiny", "block_causal"), ("small", "scale_local"), ("small", "block_causal")]
+# demo: switti blocks with learned absolute positions as well as RoPE (abs_pos)
+CASES = [
+    ("tiny", "scale_local"), ("tiny", "block_causal"), ("small", "scale_local"), ("small", "block_causal"),
+    ("demo", "scale_local"),
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: "-".join(c))

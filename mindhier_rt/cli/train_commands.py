@@ -34,7 +34,7 @@ def train_vqvae_cmd(
     out: RunOpt,
     init: InitOpt = None,
     preset_name: PresetOpt = "demo",
-    steps: StepsOpt = 600,
+    steps: StepsOpt = 1000,
     batch_size: StepsOpt = 32,
     lr: float = 2e-3,
     seed: int = 0,

@@ -17,9 +17,10 @@ context K/V under a per-token mask (dense rows of the cross mask for SDPA, runs 
 block-sparse kernel; ``cross_inputs``). The start token and the AdaLN condition come from the pooled feature.
 
 Blocks and conditions (``cfg.generator.block`` / ``.condition``): ``switti`` blocks with an fMRI condition
-(the pooled feature through ``fmri_pooler``, plus the cross-attention context; 2D RoPE) or ``var`` blocks
-with a class condition (labels through ``class_emb``, null label = ``num_classes`` for guidance; no context;
-learned absolute positions ``pos_1LC`` added to every scale's input). ``prepare``'s first argument is
+(the pooled feature through ``fmri_pooler``, plus the cross-attention context; 2D RoPE; with ``abs_pos`` also
+learned absolute positions) or ``var`` blocks with a class condition (labels through ``class_emb``, null label =
+``num_classes`` for guidance; no context; learned absolute positions ``pos_1LC`` added to every scale's input).
+``prepare``'s first argument is
 the pooled feature [B, D_pool] or the labels [B] (int64) accordingly, and its context is None for VAR.
 
 Axis legend: B batch, L pyramid tokens, l tokens of one scale, C width, D context width, S context
@@ -83,8 +84,8 @@ class ScaleGenerator(nn.Module):
         else:
             self.fmri_pooler = nn.Linear(g.pooled_dim or cfg.context_dim, C)  # pooled feature -> condition
         self.pos_start = nn.Parameter(torch.zeros(1, 1, C))
-        # learned absolute positions of every pyramid token (VAR); RoPE (Switti) needs none
-        self.pos_1LC = None if g.rope else nn.Parameter(torch.zeros(1, sched.total_tokens, C))
+        # learned absolute positions of every pyramid token (VAR, or switti blocks with ``abs_pos``)
+        self.pos_1LC = nn.Parameter(torch.zeros(1, sched.total_tokens, C)) if g.absolute_positions else None
         self.word_embed = nn.Linear(cfg.latent_dim, C)
         self.lvl_embed = nn.Embedding(sched.n_scales, C)
         if g.crop_cond:
