@@ -1,0 +1,211 @@
+"""Where does a demo run lose the object? Read-outs along the chain from voxels to reconstruction.
+
+    python benchmarks/demo_diagnosis.py --run runs/demo
+
+takes a finished `mindhier-rt demo` folder (its synthetic data set and checkpoint) and measures, for the object
+attributes of the held-out test images of one subject (category, colour, position, size; ``object_probe``'s labels):
+
+1. ``voxels``: a ridge read-out from single training trials, applied to the test scans (repeats averaged): what
+   the simulated brain data hold.
+2. ``encoder``: the same read-out from the encoder's context (every level, flattened): what reaches the generator.
+3. ``vq_round_trip``: the object probe on the test stimuli passed through the VQ-VAE (tokens, then decoded): the
+   best any generated token pyramid can do.
+4. ``decode``: the object probe and PixCorr on reconstructions from the measured scans, with the demo's sampling
+   and others (greedy, stronger guidance), and from noise-free scans (the forward model's signal through the same
+   z-scoring): whether sampling or trial noise is what loses the object.
+5. ``given_scales``: reconstructions from the measured scans whose first k scales take the test stimulus' own
+   tokens and whose later scales the generator draws (demo sampling): which scales lose the object.
+
+Writes ``<results>/demo_diagnosis_seed<seed>.{json,md}``. Eager PyTorch throughout (the exported bundle decodes the
+same tokens; ``tests/test_onnx.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mindhier_rt.data.nsd import BrainDataset
+from mindhier_rt.data.synthetic import SubjectModel
+from mindhier_rt.demo import DemoSettings
+from mindhier_rt.io import atomic_write_text, write_json
+from mindhier_rt.metrics import pixcorr, two_way_identification
+from mindhier_rt.models.mindhier import MindHier
+from mindhier_rt.object_probe import ATTRIBUTE_CLASSES, ProbeSettings, attribute_labels, object_scores, train_probe
+from mindhier_rt.pipeline import reconstruct
+from mindhier_rt.runtime.base import DecodeBackend
+from mindhier_rt.runtime.torch_backend import TorchBackend
+from mindhier_rt.sampling import SamplingConfig, cfg_combine, guidance_weight, sample_tokens
+
+
+def ridge_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, test_y: np.ndarray, classes: int,
+                   lam: float) -> float:  # fmt: skip
+    """Fraction of test rows whose one-vs-rest ridge regression (with a bias) picks the right class."""
+    a = np.c_[train_X, np.ones(len(train_X))].astype(np.float64)
+    b = np.c_[test_X, np.ones(len(test_X))].astype(np.float64)
+    w = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ np.eye(classes)[train_y])
+    return round(float(((b @ w).argmax(1) == test_y).mean()), 4)
+
+
+def read_outs(train_X: np.ndarray, train_img: np.ndarray, test_X: np.ndarray, test_img: np.ndarray,
+              labels: dict[str, np.ndarray], lam: float) -> dict[str, float]:  # fmt: skip
+    return {
+        name: ridge_accuracy(train_X, labels[name][train_img], test_X, labels[name][test_img], k, lam)
+        for name, k in ATTRIBUTE_CLASSES.items()
+    }
+
+
+def noise_free_scans(data: BrainDataset, subject: str, seed: int, train: tuple, test_img: np.ndarray) -> np.ndarray:
+    """The forward model's noise-free response to the test images, in the data set's z-scored units: each voxel's
+    z-scoring is an affine map of signal + noise, fitted here from the training trials."""
+    train_vox, train_img = train
+    attrs, images = data.attributes(), data.images()
+    model = SubjectModel(subject, train_vox.shape[1], seed=seed)
+    sig_train = model.signal(images[train_img], attrs.subset(train_img))
+    sig_test = model.signal(images[test_img], attrs.subset(test_img))
+    centred = sig_train - sig_train.mean(0)
+    slope = (centred * (train_vox - train_vox.mean(0))).mean(0) / np.maximum(centred.var(0), 1e-12)
+    return (train_vox.mean(0) + slope * (sig_test - sig_train.mean(0))).astype(np.float32)
+
+
+@torch.no_grad()
+def decode_given_scales(
+    backend: DecodeBackend, voxels_NV: torch.Tensor, subject: str, sampling: SamplingConfig, given: list[torch.Tensor]
+) -> torch.Tensor:
+    """Images [N, 3, H, W]: scales 0..len(given)-1 take the tokens ``given`` (each [N, n_i]); the generator draws the
+    rest with ``sampling`` (guidance against the all-zero scan, as ``pipeline.reconstruct`` does)."""
+    n, K = len(voxels_NV), backend.cfg.schedule.n_scales
+    guided = sampling.cfg_scale > 0
+    rows_in = torch.cat([voxels_NV, torch.zeros_like(voxels_NV)]) if guided else voxels_NV
+    state = backend.prepare(*backend.encode(rows_in, subject))
+    f_hat, h, rows = backend.empty_fhat(n), None, torch.arange(n)
+    for i in range(K):
+        logits = backend.step(i, state, h)
+        if guided:
+            logits = cfg_combine(logits[:n], logits[n:], guidance_weight(sampling, i, K))
+        idx = given[i] if i < len(given) else sample_tokens(logits, sampling, i, rows, rows * 0)
+        f_hat, h = backend.update(i, f_hat, idx)
+        h = None if h is None else (torch.cat([h, h]) if guided else h)
+    return backend.decode_image(f_hat)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", type=Path, required=True, help="a finished `mindhier-rt demo --out` folder")
+    ap.add_argument("--subject", default="subj01")
+    ap.add_argument("--train-trials", type=int, default=3000, help="training trials the read-outs are fitted on")
+    ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    data = BrainDataset(args.run / "data")
+    seed = int(json.loads((args.run / "data" / "dataset.json").read_text())["seed"])
+    models = MindHier.load(args.run / "model.safetensors").eval()
+    images, attrs = torch.from_numpy(data.images()), data.attributes()
+    if attrs is None:
+        raise SystemExit(f"{args.run / 'data'} is not a synthetic set: it knows no object attributes")
+    labels = attribute_labels(attrs)
+    test_vox, test_img = data.split(args.subject, "test")
+    train_vox, train_img = data.split(args.subject, "train", average_repeats=False)
+    train_vox, train_img = train_vox[: args.train_trials], train_img[: args.train_trials]
+    gt = images[test_img]
+
+    report: dict = {"run": str(args.run), "seed": seed, "subject": args.subject, "n_test": len(test_img)}
+    report["voxels"] = read_outs(train_vox, train_img, test_vox, test_img, labels, lam=100.0)
+    with torch.no_grad():
+        enc = models.encoder
+        context = [
+            enc(torch.from_numpy(v), args.subject).context_BSD().flatten(1).numpy() for v in (train_vox, test_vox)
+        ]
+    report["encoder"] = read_outs(context[0], train_img, context[1], test_img, labels, lam=1.0)
+
+    probe = train_probe(models.cfg.image_size, seed=seed, settings=ProbeSettings())
+    test_attrs = attrs.subset(test_img)
+
+    def scored(recon: torch.Tensor) -> dict:
+        objects = object_scores(probe, recon, gt, test_attrs)
+        return {
+            "pixcorr": round(pixcorr(recon, gt), 4),
+            "two_way_pixel": round(two_way_identification(recon.flatten(1), gt.flatten(1)), 4),
+            **{name: s["recon"] for name, s in objects.items()},
+        }
+
+    vq = models.vqvae
+    with torch.no_grad():
+        report["vq_round_trip"] = scored(vq.fhat_to_img(vq.idx_to_fhat(vq.img_to_idx(gt))))
+    report["ground_truth"] = {name: s["ground_truth"] for name, s in object_scores(probe, gt, gt, test_attrs).items()}
+    report["chance"] = {name: round(1 / k, 4) for name, k in ATTRIBUTE_CLASSES.items()}
+
+    demo = DemoSettings().sampling
+    samplings = {
+        "demo sampling": demo,
+        "greedy": SamplingConfig(cfg_scale=demo.cfg_scale, greedy=True),
+        "guidance 4, top-k 5": SamplingConfig(cfg_scale=4.0, top_k=5),
+    }
+    clean = noise_free_scans(data, args.subject, seed, (train_vox, train_img), test_img)
+    backend = TorchBackend(models)
+    report["decode"] = {}
+    for name, sampling in samplings.items():
+        recon = reconstruct(backend, torch.from_numpy(test_vox), args.subject, sampling).images_NS3HW[:, 0]
+        report["decode"][f"measured scans, {name}"] = scored(recon)
+    recon = reconstruct(backend, torch.from_numpy(clean), args.subject, demo).images_NS3HW[:, 0]
+    report["decode"]["noise-free scans, demo sampling"] = scored(recon)
+    with torch.no_grad():
+        truth = vq.img_to_idx(gt)
+    report["given_scales"] = {
+        k: scored(decode_given_scales(backend, torch.from_numpy(test_vox), args.subject, demo, truth[:k]))
+        for k in range(1, len(truth))
+    }
+    report["seconds"] = round(time.perf_counter() - t_start, 1)
+    report["machine"] = f"{platform.machine()} CPU, torch {torch.__version__}"
+    report["command"] = f"python benchmarks/demo_diagnosis.py --run {args.run}"
+
+    args.results.mkdir(parents=True, exist_ok=True)
+    stem = args.results / f"demo_diagnosis_seed{seed}"
+    write_json(stem.with_suffix(".json"), report)
+    atomic_write_text(stem.with_suffix(".md"), markdown(report))
+    print(markdown(report))
+
+
+def markdown(r: dict) -> str:
+    names = list(ATTRIBUTE_CLASSES)
+    lines = [
+        f"# Where the demo loses the object (seed {r['seed']}, {r['subject']}, {r['n_test']} test scans)",
+        "",
+        f"Command: `{r['command']}`  ",
+        f"Machine: {r['machine']}; {r['seconds']} s.",
+        "",
+        "| read-out | " + " | ".join(names) + " | PixCorr | two-way pixel |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
+
+    def row(label: str, scores: dict) -> str:
+        cells = [f"{scores[n]:.2f}" for n in names]
+        cells += [f"{scores[k]:.3f}" if k in scores else "" for k in ("pixcorr", "two_way_pixel")]
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    lines.append(row("chance", r["chance"]))
+    lines.append(row("ridge on the voxels (the data's ceiling)", r["voxels"]))
+    lines.append(row("ridge on the encoder's context", r["encoder"]))
+    lines.append(row("probe on the test stimuli (its ceiling)", r["ground_truth"]))
+    lines.append(row("probe on the VQ-VAE round trip", r["vq_round_trip"]))
+    for label, scores in r["decode"].items():
+        lines.append(row(f"probe on reconstructions: {label}", scores))
+    for k, scores in r["given_scales"].items():
+        given = f"scales 1-{k}" if int(k) > 1 else "scale 1"
+        lines.append(row(f"probe on reconstructions, the stimulus' own tokens for {given}", scores))
+    lines += [
+        "",
+        "Ridge read-outs are fitted on single training trials and applied to the test scans (repeats averaged). The",
+        "probe is `mindhier_rt.object_probe` (trained on rendered stimuli, never on test images or reconstructions).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The demo diagnosis (`benchmarks/demo_diagnosis.py`): its read-outs and its noise-free scans."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mindhier_rt.data.nsd import BrainDataset, write_dataset
+from mindhier_rt.data.synthetic import make_synthetic
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ridge_read_out_finds_a_linear_class_and_not_noise() -> None:
+    diagnosis = load("demo_diagnosis")
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    x = np.eye(3)[y] * 2.0 + rng.normal(size=(400, 3)) * 0.3
+    assert diagnosis.ridge_accuracy(x[:300], y[:300], x[300:], y[300:], 3, lam=1.0) > 0.95
+    noise = rng.normal(size=(400, 3))
+    assert diagnosis.ridge_accuracy(noise[:300], y[:300], noise[300:], y[300:], 3, lam=1.0) < 0.6
+
+
+def test_noise_free_scans_are_the_signal_in_the_data_set_s_z_scored_units(tmp_path) -> None:
+    """With no trial noise the data set's scans are the z-scored signal itself, so the fitted map must give them
+    back; with noise, the noise-free scans track the averaged repeats but not their noise."""
+    diagnosis = load("demo_diagnosis")
+    subjects = [("subj01", 40)]
+    for noise, check in ((0.0, "exact"), (1.0, "close")):
+        synthetic = make_synthetic(
+            subjects, n_train=200, n_test=10, repeats=3, size=16, seed=3, noise_sd={"subj01": noise}
+        )
+        data = BrainDataset(write_dataset(synthetic, tmp_path / check))
+        train = data.split("subj01", "train", average_repeats=False)
+        test_vox, test_img = data.split("subj01", "test")
+        clean = diagnosis.noise_free_scans(data, "subj01", 3, train, test_img)
+        assert clean.shape == test_vox.shape and clean.dtype == np.float32
+        if check == "exact":
+            np.testing.assert_allclose(
+                clean, test_vox, atol=0.03
+            )  # the stored stimuli are 8-bit, the signal came from floats
+        else:
+            assert np.corrcoef(clean.ravel(), test_vox.ravel())[0, 1] > 0.6
+            assert np.abs(clean - test_vox).mean() > 0.1  # the averaged repeats keep some noise; these do not
+
+
+def test_given_scales_decode_is_the_round_trip_with_all_and_the_decode_loop_with_none() -> None:
+    import torch
+
+    from mindhier_rt.config import preset
+    from mindhier_rt.models.mindhier import MindHier
+    from mindhier_rt.pipeline import reconstruct
+    from mindhier_rt.runtime.torch_backend import TorchBackend
+    from mindhier_rt.sampling import SamplingConfig
+
+    diagnosis = load("demo_diagnosis")
+    models = MindHier.from_config(preset("tiny"), seed=0).eval()
+    with torch.no_grad():
+        models.generator.head.weight.mul_(8.0)  # peaked logits: the draws depend on the condition
+    backend, cfg = TorchBackend(models), models.cfg
+    g = torch.Generator().manual_seed(0)
+    voxels = torch.randn(3, cfg.encoder.voxel_count("subj01"), generator=g)
+    sampling = SamplingConfig(cfg_scale=2.0, top_k=5, seed=4)
+    tokens = [torch.randint(cfg.vocab_size, (3, n), generator=g) for n in cfg.schedule.token_counts]
+    with torch.no_grad():
+        round_trip = models.vqvae.fhat_to_img(models.vqvae.idx_to_fhat(tokens))
+    assert torch.equal(diagnosis.decode_given_scales(backend, voxels, "subj01", sampling, tokens), round_trip)
+    drawn = reconstruct(backend, voxels, "subj01", sampling).images_NS3HW[:, 0]
+    assert torch.equal(diagnosis.decode_given_scales(backend, voxels, "subj01", sampling, []), drawn)
+    partly = diagnosis.decode_given_scales(backend, voxels, "subj01", sampling, tokens[:2])
+    assert not torch.equal(partly, drawn) and not torch.equal(partly, round_trip)
+
+
+@pytest.mark.slow
+def test_diagnosis_runs_on_a_tiny_demo_folder(tmp_path) -> None:
+    from mindhier_rt.demo import DemoSettings, run_demo
+
+    settings = DemoSettings(n_train=48, n_test=6, repeats=2, vq_steps=2, stage1_steps=2, stage2_steps=2,
+                            probe_images=64, probe_steps=2, batch_size=8)  # fmt: skip
+    run_demo(tmp_path / "demo", settings, progress=False)
+    diagnosis = load("demo_diagnosis")
+    diagnosis.main(["--run", str(tmp_path / "demo"), "--train-trials", "40", "--results", str(tmp_path / "results")])
+    report = json.loads((tmp_path / "results" / "demo_diagnosis_seed0.json").read_text())
+    assert set(report["voxels"]) == set(report["encoder"]) == {"category", "colour", "position", "size"}
+    assert "noise-free scans, demo sampling" in report["decode"] and report["n_test"] == 6
+    assert sorted(map(int, report["given_scales"])) == list(range(1, 6))  # the demo preset has 6 scales
+    assert (tmp_path / "results" / "demo_diagnosis_seed0.md").read_text().startswith("# Where the demo loses")
