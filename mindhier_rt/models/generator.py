@@ -20,8 +20,8 @@ Blocks and conditions (``cfg.generator.block`` / ``.condition``): ``switti`` blo
 (the pooled feature through ``fmri_pooler``, plus the cross-attention context; 2D RoPE; with ``abs_pos`` also
 learned absolute positions) or ``var`` blocks with a class condition (labels through ``class_emb``, null label =
 ``num_classes`` for guidance; no context; learned absolute positions ``pos_1LC`` added to every scale's input).
-``prepare``'s first argument is
-the pooled feature [B, D_pool] or the labels [B] (int64) accordingly, and its context is None for VAR.
+``prepare``'s first argument is the pooled feature [B, D_pool] or the labels [B] (int64) accordingly, and its
+context is None for VAR.
 
 Axis legend: B batch, L pyramid tokens, l tokens of one scale, C width, D context width, S context
 tokens, E VQ latent channels, V vocabulary, H heads, c head dim, P rotary pairs.
