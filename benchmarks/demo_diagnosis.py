@@ -23,10 +23,10 @@ same tokens; ``tests/test_onnx.py``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from mindhier_rt.object_probe import ATTRIBUTE_CLASSES, ProbeSettings, attribute
 from mindhier_rt.pipeline import reconstruct
 from mindhier_rt.runtime.base import DecodeBackend
 from mindhier_rt.runtime.torch_backend import TorchBackend
-from mindhier_rt.sampling import SamplingConfig, cfg_combine, guidance_weight, sample_tokens
+from mindhier_rt.sampling import SamplingConfig
 
 
 def ridge_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, test_y: np.ndarray, classes: int,
@@ -74,25 +74,29 @@ def noise_free_scans(data: BrainDataset, subject: str, seed: int, train: tuple, 
     return (train_vox.mean(0) + slope * (sig_test - sig_train.mean(0))).astype(np.float32)
 
 
-@torch.no_grad()
+class GivenScales:
+    """Proxy of a backend whose token choice at scales 0..len(given)-1 is ``given`` (each [N, n_i], one row per scan
+    and one sample); every other scale, and everything else, is the backend's. ``pipeline.reconstruct`` drives it."""
+
+    def __init__(self, backend: DecodeBackend, given: list[torch.Tensor]) -> None:
+        self._backend, self._given = backend, given
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def choose_tokens(self, logits_BlV: torch.Tensor, scfg: SamplingConfig, scale: int, guidance: float | None,
+                      scan_ids: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        if scale < len(self._given):
+            return self._given[scale].to(logits_BlV.device)
+        return self._backend.choose_tokens(logits_BlV, scfg, scale, guidance, scan_ids, sample_ids)
+
+
 def decode_given_scales(
     backend: DecodeBackend, voxels_NV: torch.Tensor, subject: str, sampling: SamplingConfig, given: list[torch.Tensor]
 ) -> torch.Tensor:
-    """Images [N, 3, H, W]: scales 0..len(given)-1 take the tokens ``given`` (each [N, n_i]); the generator draws the
-    rest with ``sampling`` (guidance against the all-zero scan, as ``pipeline.reconstruct`` does)."""
-    n, K = len(voxels_NV), backend.cfg.schedule.n_scales
-    guided = sampling.cfg_scale > 0
-    rows_in = torch.cat([voxels_NV, torch.zeros_like(voxels_NV)]) if guided else voxels_NV
-    state = backend.prepare(*backend.encode(rows_in, subject))
-    f_hat, h, rows = backend.empty_fhat(n), None, torch.arange(n)
-    for i in range(K):
-        logits = backend.step(i, state, h)
-        if guided:
-            logits = cfg_combine(logits[:n], logits[n:], guidance_weight(sampling, i, K))
-        idx = given[i] if i < len(given) else sample_tokens(logits, sampling, i, rows, rows * 0)
-        f_hat, h = backend.update(i, f_hat, idx)
-        h = None if h is None else (torch.cat([h, h]) if guided else h)
-    return backend.decode_image(f_hat)
+    """Images [N, 3, H, W] whose first len(given) scales take the tokens ``given`` and whose later scales the
+    generator draws with ``sampling``: the decode loop of ``reconstruct``, one sample per scan."""
+    return reconstruct(GivenScales(backend, given), voxels_NV, subject, sampling).images_NS3HW[:, 0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,14 +105,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--subject", default="subj01")
     ap.add_argument("--train-trials", type=int, default=3000, help="training trials the read-outs are fitted on")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
+    ap.add_argument("--name", help="result file stem (default demo_diagnosis_seed<seed>)")
     args = ap.parse_args(argv)
     t_start = time.perf_counter()
     data = BrainDataset(args.run / "data")
-    seed = int(json.loads((args.run / "data" / "dataset.json").read_text())["seed"])
+    attrs, seed = data.attributes(), data.meta.get("seed")
+    if data.kind != "synthetic" or attrs is None or not isinstance(seed, int):
+        raise SystemExit(f"{args.run / 'data'} is not a synthetic set with its seed: it knows no object attributes")
     models = MindHier.load(args.run / "model.safetensors").eval()
-    images, attrs = torch.from_numpy(data.images()), data.attributes()
-    if attrs is None:
-        raise SystemExit(f"{args.run / 'data'} is not a synthetic set: it knows no object attributes")
+    images = torch.from_numpy(data.images())
     labels = attribute_labels(attrs)
     test_vox, test_img = data.split(args.subject, "test")
     train_vox, train_img = data.split(args.subject, "train", average_repeats=False)
@@ -163,10 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     }
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["machine"] = f"{platform.machine()} CPU, torch {torch.__version__}"
-    report["command"] = f"python benchmarks/demo_diagnosis.py --run {args.run}"
+    report["command"] = f"python benchmarks/demo_diagnosis.py --run {args.run}" + (
+        f" --name {args.name}" if args.name else ""
+    )
 
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"demo_diagnosis_seed{seed}"
+    stem = args.results / (args.name or f"demo_diagnosis_seed{seed}")
     write_json(stem.with_suffix(".json"), report)
     atomic_write_text(stem.with_suffix(".md"), markdown(report))
     print(markdown(report))

@@ -47,7 +47,7 @@ class DemoSettings:
     n_train: int = 6000  # NSD shows each subject about 9,000 training images; 1,200 starved stage 2
     n_test: int = 100
     repeats: int = 3
-    vq_steps: int = 1000  # at 600 the VQ-VAE alone lost the object's colour in half of the test images
+    vq_steps: int = 1000  # at 600 its round trip kept the object's colour in 0.49 of the test images (docs/demo.md)
     stage1_steps: int = 600
     stage2_steps: int = 1100
     batch_size: int = 32

@@ -47,12 +47,23 @@ def test_noise_free_scans_are_the_signal_in_the_data_set_s_z_scored_units(tmp_pa
         clean = diagnosis.noise_free_scans(data, "subj01", 3, train, test_img)
         assert clean.shape == test_vox.shape and clean.dtype == np.float32
         if check == "exact":
-            np.testing.assert_allclose(
-                clean, test_vox, atol=0.03
-            )  # the stored stimuli are 8-bit, the signal came from floats
+            # the stored stimuli are 8-bit, the signal came from floats
+            np.testing.assert_allclose(clean, test_vox, atol=0.03)
         else:
             assert np.corrcoef(clean.ravel(), test_vox.ravel())[0, 1] > 0.6
             assert np.abs(clean - test_vox).mean() > 0.1  # the averaged repeats keep some noise; these do not
+
+
+def test_a_folder_without_its_synthetic_seed_is_refused_before_anything_is_read(tmp_path) -> None:
+    diagnosis = load("demo_diagnosis")
+    synthetic = make_synthetic([("subj01", 20)], n_train=20, n_test=2, repeats=1, size=16, seed=1)
+    meta_path = write_dataset(synthetic, tmp_path / "run" / "data") / "dataset.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["seed"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(SystemExit, match="not a synthetic set with its seed"):
+        diagnosis.main(["--run", str(tmp_path / "run"), "--results", str(tmp_path / "results")])
+    assert not (tmp_path / "results").exists()
 
 
 def test_given_scales_decode_is_the_round_trip_with_all_and_the_decode_loop_with_none() -> None:
