@@ -13,7 +13,10 @@ per-seed values do not overlap (``mindhier_rt.seed_spread.separation``).
 
     python benchmarks/ablation_hierarchy.py --out runs/ablation --n-seeds 5
 
-writes benchmarks/results/ablation_hierarchy.{json,md} (and the run folder).
+writes benchmarks/results/ablation_hierarchy.{json,md} (and the run folder). With ``--demo-runs DIR`` (the --out of
+a finished `demo_seeds.py` run of the same recipe) each seed's demo checkpoint is the hierarchical_c2f variant and
+lends its VQ-VAE and encoder to the others, instead of training them again: the ablation then compares against the
+very models the demo reports, in about two thirds of the time.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import json
 import platform
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from mindhier_rt.bundle.files import sha256_file
+from mindhier_rt.checkpoint import read_checkpoint_header
 from mindhier_rt.config import preset
 from mindhier_rt.demo import DemoSettings, evaluate, synthesise, teacher_targets
 from mindhier_rt.io import atomic_write_text, write_json
@@ -49,20 +55,46 @@ VARIANTS = {
 METRICS = ("pixcorr", "ssim", "two_way_pixel", "two_way_feature", "object_category")
 
 
-def run_seed(out: Path, s: DemoSettings) -> list[dict]:
-    """Every variant's scores for one seed of the demo recipe ``s``."""
+def demo_checkpoint(runs: Path, s: DemoSettings) -> Path:
+    """``runs/seed<seed>/model.safetensors``, checked to be a demo checkpoint of recipe ``s`` in the method's
+    configuration (the hierarchical_c2f variant) and a file inside ``runs``. Raises SystemExit saying what differs."""
+    path = runs / f"seed{s.seed}" / "model.safetensors"
+    if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(runs.resolve()):
+        raise SystemExit(f"--demo-runs: expected a demo checkpoint at {path}, found none (or one outside {runs})")
+    header = read_checkpoint_header(path)
+    want_cfg = preset(s.preset).replace(**VARIANTS["hierarchical_c2f"])
+    if header.cfg.to_dict() != want_cfg.to_dict():
+        raise SystemExit(f"--demo-runs: {path} holds a {header.cfg.name!r} model whose config is not the recipe's")
+    want = {k: v for k, v in asdict(s).items() if k != "sampling"}
+    found = header.extra.get("demo")
+    if found != want:
+        differ = sorted(k for k in want if not isinstance(found, dict) or found.get(k) != want[k])
+        raise SystemExit(f"--demo-runs: {path} was trained with other demo settings ({', '.join(differ)} differ)")
+    return path
+
+
+def run_seed(out: Path, s: DemoSettings, demo_ckpt: Path | None = None) -> list[dict]:
+    """Every variant's scores for one seed of the demo recipe ``s`` (``demo_ckpt``: that seed's demo models, from
+    ``demo_checkpoint``, stand for hierarchical_c2f and lend their VQ-VAE and encoder)."""
     torch.manual_seed(s.seed)
     base_cfg = preset(s.preset)
     data, images, trials = synthesise(out / "data", s)
     train_images = torch.unique(torch.cat([t.image_index_n for t in trials]))
 
-    shared = MindHier.from_config(base_cfg, seed=s.seed)
-    train_vqvae(shared, images[train_images], s.train_config("vq"), out / "vqvae", resume=False, progress=False)
+    if demo_ckpt is None:
+        shared = MindHier.from_config(base_cfg, seed=s.seed)
+        train_vqvae(shared, images[train_images], s.train_config("vq"), out / "vqvae", resume=False, progress=False)
+    else:
+        shared = MindHier.load(demo_ckpt)
     teacher, levels, text = teacher_targets(base_cfg, s.seed, images, data.captions())
     probe = train_probe(base_cfg.image_size, s.seed, ProbeSettings(n_images=s.probe_images, steps=s.probe_steps))
 
     encoders: dict[str, torch.nn.Module] = {}
+    if demo_ckpt is not None:
+        encoders["hierarchical"] = shared.encoder
     for conditioning, mask in (("hierarchical", None), ("single", (0.0,) * (base_cfg.n_levels - 1) + (1.0,))):
+        if conditioning in encoders:
+            continue
         models = MindHier.from_config(base_cfg.replace(conditioning=conditioning), seed=s.seed)
         train_stage1(
             models, trials, levels, text, s.train_config("stage1"), out / f"stage1_{conditioning}",
@@ -72,11 +104,14 @@ def run_seed(out: Path, s: DemoSettings) -> list[dict]:
 
     rows = []
     for name, overrides in VARIANTS.items():
-        models = MindHier.from_config(base_cfg.replace(**overrides), seed=s.seed)
-        models.vqvae.load_state_dict(shared.vqvae.state_dict())
-        models.encoder = copy.deepcopy(encoders[overrides["conditioning"]])  # guidance does not touch stage 1
-        train_stage2(models, trials, images, s.train_config("stage2"), out / f"stage2_{name}", resume=False,
-                     progress=False)  # fmt: skip
+        if demo_ckpt is not None and name == "hierarchical_c2f":
+            models = shared  # the demo's own models are this variant
+        else:
+            models = MindHier.from_config(base_cfg.replace(**overrides), seed=s.seed)
+            models.vqvae.load_state_dict(shared.vqvae.state_dict())
+            models.encoder = copy.deepcopy(encoders[overrides["conditioning"]])  # guidance does not touch stage 1
+            train_stage2(models, trials, images, s.train_config("stage2"), out / f"stage2_{name}", resume=False,
+                         progress=False)  # fmt: skip
         scores, _, _ = evaluate(TorchBackend(models.eval()), data, s.decode_subject, s.sampling, teacher, probe)
         rows.append({"variant": name, "seed": s.seed, **{m: float(scores[m]) for m in METRICS[:4]},
                      "object_category": float(scores["object"]["category"]["recon"])})  # fmt: skip
@@ -122,20 +157,24 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_seed_arguments(parser, Path("runs/ablation"))
+    parser.add_argument("--demo-runs", type=Path, help="a finished demo_seeds.py --out of the same recipe (reused)")
     args = parser.parse_args(argv)
 
     t_start = time.perf_counter()
     seeds = list(range(args.n_seeds))
-    rows = [r for seed in seeds for r in run_seed(args.out / f"seed{seed}", recipe(seed, args))]
+    # every seed's demo checkpoint is checked before the first seed spends any time
+    demo_ckpts = {seed: demo_checkpoint(args.demo_runs, recipe(seed, args)) for seed in seeds} if args.demo_runs else {}
+    rows = [r for seed in seeds for r in run_seed(args.out / f"seed{seed}", recipe(seed, args), demo_ckpts.get(seed))]
 
     s = recipe(seeds[0], args)
-    command = command_line("ablation_hierarchy", args)
+    command = command_line("ablation_hierarchy", args) + (f" --demo-runs {args.demo_runs}" if args.demo_runs else "")
     report = {
         "command": command,
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads",
         "settings": {k: v for k, v in s.__dict__.items() if k not in ("sampling", "seed")}
         | {"sampling": s.sampling.to_dict()},
         "seeds": seeds,
+        "demo_checkpoints": {seed: {"path": str(p), "sha256": sha256_file(p)} for seed, p in demo_ckpts.items()},
         "rows": rows,
         "spread": {
             name: spread([{m: r[m] for m in METRICS} for r in rows if r["variant"] == name]) for name in VARIANTS

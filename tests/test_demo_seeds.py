@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,3 +110,54 @@ def test_demo_seeds_runs_end_to_end_on_a_tiny_setting(tmp_path) -> None:
     assert report["seeds"] == [0, 1] and [r["seed"] for r in report["runs"]] == [0, 1]
     assert {"two_way_pixel", "object_category", "object_category_ground_truth"} <= set(report["spread"])
     assert report["settings"]["n_train"] == 48
+
+    # the ablation on these runs: each seed's demo models are its hierarchical_c2f, nothing of theirs is retrained
+    ablation = load("ablation_hierarchy")
+    ablation.main(["--out", str(tmp_path / "ablation"), "--n-seeds", "2", "--steps-scale", "0.003", "--n-train", "48",
+                   "--n-test", "6", "--results", str(results), "--demo-runs", str(tmp_path / "run")])  # fmt: skip
+    ablated = json.loads((results / "ablation_hierarchy.json").read_text())
+    assert ablated["command"].endswith(f"--demo-runs {tmp_path / 'run'}")
+    assert set(ablated["demo_checkpoints"]) == {"0", "1"}
+    for seed, run in zip((0, 1), report["runs"], strict=True):
+        c2f = next(r for r in ablated["rows"] if r["seed"] == seed and r["variant"] == "hierarchical_c2f")
+        # the demo decoded through its ONNX bundle, the ablation through eager PyTorch: the same tokens
+        assert c2f["two_way_pixel"] == run["two_way_pixel"]
+        assert c2f["pixcorr"] == pytest.approx(run["pixcorr"], abs=2e-4)
+        trained = {d.name for d in (tmp_path / "ablation" / f"seed{seed}").iterdir()}
+        assert "stage1_single" in trained and "stage2_single_feature" in trained
+        assert not trained & {"vqvae", "stage1_hierarchical", "stage2_hierarchical_c2f"}
+
+
+def _recipe(seed: int):
+    return load("demo_seeds").recipe(seed, argparse.Namespace(steps_scale=1.0, n_train=None, n_test=None))
+
+
+def _demo_checkpoint(runs: Path, seed: int, preset_name: str = "demo", **changes) -> Path:
+    """An untrained checkpoint saved the way `run_demo` saves one, its demo settings changed by ``changes``."""
+    from mindhier_rt.config import preset
+    from mindhier_rt.models.mindhier import MindHier
+
+    demo = {k: v for k, v in dataclasses.asdict(_recipe(seed)).items() if k != "sampling"} | changes
+    path = runs / f"seed{seed}" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    MindHier.from_config(preset(preset_name), seed=seed).save(path, extra={"demo": demo})
+    return path
+
+
+def test_the_ablation_reuses_only_a_demo_checkpoint_of_its_own_recipe(tmp_path) -> None:
+    ablation = load("ablation_hierarchy")
+    s = _recipe(0)
+    good = _demo_checkpoint(tmp_path / "good", 0)
+    assert ablation.demo_checkpoint(tmp_path / "good", s) == good
+    with pytest.raises(SystemExit, match="found none"):
+        ablation.demo_checkpoint(tmp_path / "empty", s)
+    _demo_checkpoint(tmp_path / "other", 0, stage2_steps=5)
+    with pytest.raises(SystemExit, match="stage2_steps differ"):
+        ablation.demo_checkpoint(tmp_path / "other", s)
+    _demo_checkpoint(tmp_path / "tiny", 0, preset_name="tiny")
+    with pytest.raises(SystemExit, match="config is not the recipe's"):
+        ablation.demo_checkpoint(tmp_path / "tiny", s)
+    (tmp_path / "linked" / "seed0").mkdir(parents=True)
+    (tmp_path / "linked" / "seed0" / "model.safetensors").symlink_to(good)  # a file outside the folder given
+    with pytest.raises(SystemExit, match="outside"):
+        ablation.demo_checkpoint(tmp_path / "linked", s)
