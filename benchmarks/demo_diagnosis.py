@@ -7,9 +7,12 @@ attributes of the held-out test images of one subject (category, colour, positio
 
 1. ``voxels``: a ridge read-out from single training trials, applied to the test scans (repeats averaged): what
    the simulated brain data hold.
-2. ``encoder``: the same read-out from the encoder's context (every level, flattened): what reaches the generator.
+2. ``encoder``: the same read-out from the encoder's context (every level, flattened): what reaches the generator;
+   ``encoder_levels``: the same from each level e_1 (shallow) .. e_M (deep) alone, with the scales that read it
+   under the model's guidance.
 3. ``vq_round_trip``: the object probe on the test stimuli passed through the VQ-VAE (tokens, then decoded): the
-   best any generated token pyramid can do.
+   best any generated token pyramid can do; ``vq_first_scales``: the same from only the first k scales of those
+   tokens (the finer scales left out): what the coarse scales alone hold.
 4. ``decode``: the object probe and PixCorr on reconstructions from the measured scans, with the demo's sampling
    and others (greedy, stronger guidance), and from noise-free scans (the forward model's signal through the same
    z-scoring): whether sampling or trial noise is what loses the object.
@@ -128,6 +131,16 @@ def main(argv: list[str] | None = None) -> None:
             enc(torch.from_numpy(v), args.subject).context_BSD().flatten(1).numpy() for v in (train_vox, test_vox)
         ]
     report["encoder"] = read_outs(context[0], train_img, context[1], test_img, labels, lam=1.0)
+    schedule = models.cfg.schedule
+    report["encoder_levels"] = {}
+    for level in range(1, schedule.n_levels + 1):  # the context is deep-first: [e_M, ..., e_1]
+        seg = schedule.n_levels - level
+        cols = [c.reshape(len(c), schedule.n_levels, -1)[:, seg] for c in context]
+        scales = [i + 1 for i, lv in enumerate(schedule.level_of_scale) if lv == level]
+        report["encoder_levels"][level] = {
+            "read_by_scales": scales,
+            **read_outs(cols[0], train_img, cols[1], test_img, labels, lam=1.0),
+        }
 
     probe = train_probe(models.cfg.image_size, seed=seed, settings=ProbeSettings())
     test_attrs = attrs.subset(test_img)
@@ -142,7 +155,13 @@ def main(argv: list[str] | None = None) -> None:
 
     vq = models.vqvae
     with torch.no_grad():
-        report["vq_round_trip"] = scored(vq.fhat_to_img(vq.idx_to_fhat(vq.img_to_idx(gt))))
+        truth = vq.img_to_idx(gt)
+        report["vq_round_trip"] = scored(vq.fhat_to_img(vq.idx_to_fhat(truth)))
+        report["vq_first_scales"] = {}
+        f_hat = vq.empty_fhat(len(gt))
+        for k in range(1, len(truth)):
+            f_hat, _ = vq.update_fhat(k - 1, f_hat, truth[k - 1])
+            report["vq_first_scales"][k] = scored(vq.fhat_to_img(f_hat))
     report["ground_truth"] = {name: s["ground_truth"] for name, s in object_scores(probe, gt, gt, test_attrs).items()}
     report["chance"] = {name: round(1 / k, 4) for name, k in ATTRIBUTE_CLASSES.items()}
 
@@ -160,8 +179,6 @@ def main(argv: list[str] | None = None) -> None:
         report["decode"][f"measured scans, {name}"] = scored(recon)
     recon = reconstruct(backend, torch.from_numpy(clean), args.subject, demo).images_NS3HW[:, 0]
     report["decode"]["noise-free scans, demo sampling"] = scored(recon)
-    with torch.no_grad():
-        truth = vq.img_to_idx(gt)
     report["given_scales"] = {
         k: scored(decode_given_scales(backend, torch.from_numpy(test_vox), args.subject, demo, truth[:k]))
         for k in range(1, len(truth))
@@ -199,8 +216,14 @@ def markdown(r: dict) -> str:
     lines.append(row("chance", r["chance"]))
     lines.append(row("ridge on the voxels (the data's ceiling)", r["voxels"]))
     lines.append(row("ridge on the encoder's context", r["encoder"]))
+    for level, scores in r.get("encoder_levels", {}).items():
+        scales = ", ".join(map(str, scores["read_by_scales"])) or "none"
+        lines.append(row(f"ridge on level e_{level} alone (read by scales {scales})", scores))
     lines.append(row("probe on the test stimuli (its ceiling)", r["ground_truth"]))
     lines.append(row("probe on the VQ-VAE round trip", r["vq_round_trip"]))
+    for k, scores in r.get("vq_first_scales", {}).items():
+        lines.append(row(f"probe on the VQ-VAE round trip of scales 1-{k} only" if int(k) > 1 else
+                         "probe on the VQ-VAE round trip of scale 1 only", scores))  # fmt: skip
     for label, scores in r["decode"].items():
         lines.append(row(f"probe on reconstructions: {label}", scores))
     for k, scores in r["given_scales"].items():

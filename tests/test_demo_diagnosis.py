@@ -96,4 +96,8 @@ def test_diagnosis_runs_on_a_tiny_demo_folder(tmp_path) -> None:
     assert set(report["voxels"]) == set(report["encoder"]) == {"category", "colour", "position", "size"}
     assert "noise-free scans, demo sampling" in report["decode"] and report["n_test"] == 6
     assert sorted(map(int, report["given_scales"])) == list(range(1, 6))  # the demo preset has 6 scales
+    assert sorted(map(int, report["vq_first_scales"])) == list(range(1, 6))
+    levels = report["encoder_levels"]  # 4 levels; under coarse-to-fine the deepest is read by the coarsest scales
+    assert sorted(map(int, levels)) == [1, 2, 3, 4] and levels["4"]["read_by_scales"] == [1, 2]
+    assert sorted(s for v in levels.values() for s in v["read_by_scales"]) == list(range(1, 7))
     assert (tmp_path / "results" / "demo_diagnosis_seed0.md").read_text().startswith("# Where the demo loses")
