@@ -143,6 +143,12 @@ def markdown(report: dict) -> str:
         "| variant | " + " | ".join(METRICS) + " |",
         "|---|" + "---|" * len(METRICS),
     ]
+    if report.get("demo_checkpoints"):
+        lines[5:5] = [  # before "Mean [min, max] ..."
+            "hierarchical_c2f is each seed's demo checkpoint (`--demo-runs`; sha256 in the json); the other variants "
+            "use its VQ-VAE, and hierarchical_f2c its encoder.",
+            "",
+        ]
     for name in VARIANTS:
         cells = [f"{s[name][m]['mean']:.3f} [{s[name][m]['min']:.3f}, {s[name][m]['max']:.3f}]" for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -118,6 +118,7 @@ def test_demo_seeds_runs_end_to_end_on_a_tiny_setting(tmp_path) -> None:
     ablated = json.loads((results / "ablation_hierarchy.json").read_text())
     assert ablated["command"].endswith(f"--demo-runs {tmp_path / 'run'}")
     assert set(ablated["demo_checkpoints"]) == {"0", "1"}
+    assert "hierarchical_c2f is each seed's demo checkpoint" in (results / "ablation_hierarchy.md").read_text()
     for seed, run in zip((0, 1), report["runs"], strict=True):
         c2f = next(r for r in ablated["rows"] if r["seed"] == seed and r["variant"] == "hierarchical_c2f")
         # the demo decoded through its ONNX bundle, the ablation through eager PyTorch: the same tokens
