@@ -16,7 +16,8 @@ per-seed values do not overlap (``mindhier_rt.seed_spread.separation``).
 writes benchmarks/results/ablation_hierarchy.{json,md} (and the run folder). With ``--demo-runs DIR`` (the --out of
 a finished `demo_seeds.py` run of the same recipe) each seed's demo checkpoint is the hierarchical_c2f variant and
 lends its VQ-VAE and encoder to the others, instead of training them again: the ablation then compares against the
-very models the demo reports, in about two thirds of the time.
+very models the demo reports, in about two thirds of the time. Both ways train the same weights
+(tests/test_demo_seeds.py).
 """
 
 from __future__ import annotations

@@ -88,34 +88,30 @@ def test_ablation_states_a_direction_only_where_the_seeds_separate() -> None:
 
 
 @pytest.mark.slow
-def test_ablation_runs_end_to_end_on_a_tiny_setting(tmp_path) -> None:
-    ablation = load("ablation_hierarchy")
+def test_demo_seeds_and_the_ablation_run_end_to_end_on_a_tiny_setting(tmp_path) -> None:
+    demo_seeds, ablation = load("demo_seeds"), load("ablation_hierarchy")
     results = tmp_path / "results"
-    ablation.main(["--out", str(tmp_path / "run"), "--n-seeds", "2", "--steps-scale", "0.003", "--n-train", "48",
-                   "--n-test", "6", "--results", str(results)])  # fmt: skip
-    report = json.loads((results / "ablation_hierarchy.json").read_text())
-    assert report["seeds"] == [0, 1] and len(report["rows"]) == 2 * len(ablation.VARIANTS)
-    assert set(report["spread"]) == set(ablation.VARIANTS)
-    assert "--n-train 48" in report["command"]
-    assert (results / "ablation_hierarchy.md").read_text().startswith("# Hierarchy ablation")
-
-
-@pytest.mark.slow
-def test_demo_seeds_runs_end_to_end_on_a_tiny_setting(tmp_path) -> None:
-    demo_seeds = load("demo_seeds")
-    results = tmp_path / "results"
-    demo_seeds.main(["--out", str(tmp_path / "run"), "--n-seeds", "2", "--steps-scale", "0.003", "--n-train", "48",
-                     "--n-test", "6", "--results", str(results), "--name", "smoke"])  # fmt: skip
+    tiny = ["--n-seeds", "2", "--steps-scale", "0.003", "--n-train", "48", "--n-test", "6"]
+    demo_seeds.main(["--out", str(tmp_path / "run"), *tiny, "--results", str(results), "--name", "smoke"])
     report = json.loads((results / "smoke.json").read_text())
     assert report["seeds"] == [0, 1] and [r["seed"] for r in report["runs"]] == [0, 1]
     assert {"two_way_pixel", "object_category", "object_category_ground_truth"} <= set(report["spread"])
     assert report["settings"]["n_train"] == 48
 
-    # the ablation on these runs: each seed's demo models are its hierarchical_c2f, nothing of theirs is retrained
-    ablation = load("ablation_hierarchy")
-    ablation.main(["--out", str(tmp_path / "ablation"), "--n-seeds", "2", "--steps-scale", "0.003", "--n-train", "48",
-                   "--n-test", "6", "--results", str(results), "--demo-runs", str(tmp_path / "run")])  # fmt: skip
+    # the ablation trained from scratch
+    ablation.main(["--out", str(tmp_path / "trained"), *tiny, "--results", str(tmp_path / "trained_results")])
+    trained = json.loads((tmp_path / "trained_results" / "ablation_hierarchy.json").read_text())
+    assert trained["seeds"] == [0, 1] and len(trained["rows"]) == 2 * len(ablation.VARIANTS)
+    assert set(trained["spread"]) == set(ablation.VARIANTS) and "--n-train 48" in trained["command"]
+    assert not trained["demo_checkpoints"]
+    assert (tmp_path / "trained_results" / "ablation_hierarchy.md").read_text().startswith("# Hierarchy ablation")
+
+    # and on the demo's runs: each seed's demo models are its hierarchical_c2f, nothing of theirs is retrained,
+    # and every variant scores exactly as when trained from scratch (the two flows train the same weights)
+    ablation.main(["--out", str(tmp_path / "ablation"), *tiny, "--results", str(results),
+                   "--demo-runs", str(tmp_path / "run")])  # fmt: skip
     ablated = json.loads((results / "ablation_hierarchy.json").read_text())
+    assert ablated["rows"] == trained["rows"]
     assert ablated["command"].endswith(f"--demo-runs {tmp_path / 'run'}")
     assert set(ablated["demo_checkpoints"]) == {"0", "1"}
     assert "hierarchical_c2f is each seed's demo checkpoint" in (results / "ablation_hierarchy.md").read_text()
@@ -124,9 +120,9 @@ def test_demo_seeds_runs_end_to_end_on_a_tiny_setting(tmp_path) -> None:
         # the demo decoded through its ONNX bundle, the ablation through eager PyTorch: the same tokens
         assert c2f["two_way_pixel"] == run["two_way_pixel"]
         assert c2f["pixcorr"] == pytest.approx(run["pixcorr"], abs=2e-4)
-        trained = {d.name for d in (tmp_path / "ablation" / f"seed{seed}").iterdir()}
-        assert "stage1_single" in trained and "stage2_single_feature" in trained
-        assert not trained & {"vqvae", "stage1_hierarchical", "stage2_hierarchical_c2f"}
+        folders = {d.name for d in (tmp_path / "ablation" / f"seed{seed}").iterdir()}
+        assert "stage1_single" in folders and "stage2_single_feature" in folders
+        assert not folders & {"vqvae", "stage1_hierarchical", "stage2_hierarchical_c2f"}
 
 
 def _recipe(seed: int):
