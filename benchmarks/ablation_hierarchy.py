@@ -38,6 +38,7 @@ from mindhier_rt.bundle.files import sha256_file
 from mindhier_rt.checkpoint import read_checkpoint_header
 from mindhier_rt.config import preset
 from mindhier_rt.demo import DemoSettings, evaluate, synthesise, teacher_targets
+from mindhier_rt.errors import CheckpointError
 from mindhier_rt.io import atomic_write_text, write_json
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.object_probe import ProbeSettings, train_probe
@@ -62,7 +63,10 @@ def demo_checkpoint(runs: Path, s: DemoSettings) -> Path:
     path = runs / f"seed{s.seed}" / "model.safetensors"
     if path.is_symlink() or not path.is_file() or not path.resolve().is_relative_to(runs.resolve()):
         raise SystemExit(f"--demo-runs: expected a demo checkpoint at {path}, found none (or one outside {runs})")
-    header = read_checkpoint_header(path)
+    try:
+        header = read_checkpoint_header(path)
+    except CheckpointError as e:
+        raise SystemExit(f"--demo-runs: {e}") from None
     want_cfg = preset(s.preset).replace(**VARIANTS["hierarchical_c2f"])
     if header.cfg.to_dict() != want_cfg.to_dict():
         raise SystemExit(f"--demo-runs: {path} holds a {header.cfg.name!r} model whose config is not the recipe's")
@@ -169,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
 
     t_start = time.perf_counter()
     seeds = list(range(args.n_seeds))
-    # every seed's demo checkpoint is checked before the first seed spends any time
+    # every seed's demo checkpoint is checked, and its digest taken, before the first seed spends any time
     demo_ckpts = {seed: demo_checkpoint(args.demo_runs, recipe(seed, args)) for seed in seeds} if args.demo_runs else {}
+    digests = {seed: {"path": str(p), "sha256": sha256_file(p)} for seed, p in demo_ckpts.items()}
     rows = [r for seed in seeds for r in run_seed(args.out / f"seed{seed}", recipe(seed, args), demo_ckpts.get(seed))]
 
     s = recipe(seeds[0], args)
@@ -181,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {k: v for k, v in s.__dict__.items() if k not in ("sampling", "seed")}
         | {"sampling": s.sampling.to_dict()},
         "seeds": seeds,
-        "demo_checkpoints": {seed: {"path": str(p), "sha256": sha256_file(p)} for seed, p in demo_ckpts.items()},
+        "demo_checkpoints": digests,
         "rows": rows,
         "spread": {
             name: spread([{m: r[m] for m in METRICS} for r in rows if r["variant"] == name]) for name in VARIANTS

@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", help="result file stem (default demo_diagnosis_seed<seed>)")
     args = ap.parse_args(argv)
+    if args.train_trials < 1:
+        raise SystemExit(f"--train-trials must be at least 1, found {args.train_trials}")
     t_start = time.perf_counter()
     data = BrainDataset(args.run / "data")
     attrs, seed = data.attributes(), data.meta.get("seed")

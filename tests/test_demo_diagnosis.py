@@ -53,6 +53,8 @@ def test_a_folder_without_its_synthetic_seed_is_refused_before_anything_is_read(
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match="not a synthetic set with its seed"):
         diagnosis.main(["--run", str(tmp_path / "run"), "--results", str(tmp_path / "results")])
+    with pytest.raises(SystemExit, match="--train-trials must be at least 1"):  # a negative slice would drop trials
+        diagnosis.main(["--run", str(tmp_path / "run"), "--train-trials", "-5", "--results", str(tmp_path / "results")])
     assert not (tmp_path / "results").exists()
 
 

@@ -158,3 +158,7 @@ def test_the_ablation_reuses_only_a_demo_checkpoint_of_its_own_recipe(tmp_path) 
     (tmp_path / "linked" / "seed0" / "model.safetensors").symlink_to(good)  # a file outside the folder given
     with pytest.raises(SystemExit, match="outside"):
         ablation.demo_checkpoint(tmp_path / "linked", s)
+    (tmp_path / "garbage" / "seed0").mkdir(parents=True)
+    (tmp_path / "garbage" / "seed0" / "model.safetensors").write_bytes(b"\xff" * 64)  # not a checkpoint
+    with pytest.raises(SystemExit, match=r"--demo-runs: .*model\.safetensors"):
+        ablation.demo_checkpoint(tmp_path / "garbage", s)
