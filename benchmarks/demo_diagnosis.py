@@ -18,6 +18,10 @@ attributes of the held-out test images of one subject (category, colour, positio
    z-scoring): whether sampling or trial noise is what loses the object.
 5. ``given_scales``: reconstructions from the measured scans whose first k scales take the test stimulus' own
    tokens and whose later scales the generator draws (demo sampling): which scales lose the object.
+6. ``clean_condition`` (with ``--clean-condition``; it trains a generator, a few minutes): a generator trained
+   with the run's stage-2 recipe on the teacher's own features of the training images instead of the encoder's
+   outputs, then decoding the test stimuli's teacher features (a perfect encoder) and the measured scans: whether
+   the generator, given everything the condition could hold, draws the object.
 
 Writes ``<results>/demo_diagnosis_seed<seed>.{json,md}``. Eager PyTorch throughout (the exported bundle decodes the
 same tokens; ``tests/test_onnx.py``).
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,17 +39,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from mindhier_rt.checkpoint import read_checkpoint_header
 from mindhier_rt.data.nsd import BrainDataset
 from mindhier_rt.data.synthetic import SubjectModel
-from mindhier_rt.demo import DemoSettings
+from mindhier_rt.demo import DemoSettings, teacher_targets
 from mindhier_rt.io import atomic_write_text, write_json
 from mindhier_rt.metrics import pixcorr, two_way_identification
+from mindhier_rt.models.encoder import EncoderOutput
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.object_probe import ATTRIBUTE_CLASSES, ProbeSettings, attribute_labels, object_scores, train_probe
-from mindhier_rt.pipeline import reconstruct
+from mindhier_rt.pipeline import decode_features, reconstruct
 from mindhier_rt.runtime.base import DecodeBackend
 from mindhier_rt.runtime.torch_backend import TorchBackend
 from mindhier_rt.sampling import SamplingConfig
+from mindhier_rt.train.stages import TrialSet, load_trials, train_stage2
 
 
 def ridge_accuracy(train_X: np.ndarray, train_y: np.ndarray, test_X: np.ndarray, test_y: np.ndarray, classes: int,
@@ -102,6 +110,31 @@ def decode_given_scales(
     return reconstruct(GivenScales(backend, given), voxels_NV, subject, sampling).images_NS3HW[:, 0]
 
 
+def clean_condition_generator(models: MindHier, data: BrainDataset, settings: DemoSettings,
+                              levels_NMTD: torch.Tensor, subject: str, out: Path) -> MindHier:  # fmt: skip
+    """``models`` with a fresh generator (the demo's initialisation) trained by ``settings``' stage-2 recipe on the
+    teacher's features ``levels_NMTD`` of every training image, in place of the encoder's outputs for the scans;
+    the null condition is ``subject``'s encoding of all-zero voxels."""
+    trials = load_trials(data)
+    train_img = torch.unique(torch.cat([t.image_index_n for t in trials]))
+    clean = EncoderOutput.from_levels(levels_NMTD[train_img], torch.empty(0))
+    condition_set = TrialSet(subject, torch.empty(len(train_img), 0), train_img)  # no voxels: only the images count
+    fresh = MindHier(models.cfg, models.encoder, MindHier.from_config(models.cfg, seed=settings.seed).generator,
+                     models.vqvae)  # fmt: skip
+    train_stage2(fresh, [condition_set], torch.from_numpy(data.images()), settings.train_config("stage2"), out,
+                 resume=False, progress=False, conditions=[(clean.pooled_BD, clean.context_BSD())])  # fmt: skip
+    return fresh.eval()
+
+
+def run_settings(checkpoint: Path) -> DemoSettings:
+    """The demo settings a checkpoint was trained with (its header's ``demo`` record); SystemExit if it has none."""
+    found = read_checkpoint_header(checkpoint).extra.get("demo")
+    try:
+        return DemoSettings(**found)
+    except TypeError:
+        raise SystemExit(f"--clean-condition: {checkpoint} records no demo settings (not a demo run)") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", type=Path, required=True, help="a finished `mindhier-rt demo --out` folder")
@@ -109,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-trials", type=int, default=3000, help="training trials the read-outs are fitted on")
     ap.add_argument("--results", type=Path, default=Path(__file__).parent / "results")
     ap.add_argument("--name", help="result file stem (default demo_diagnosis_seed<seed>)")
+    ap.add_argument(
+        "--clean-condition", action="store_true", help="also train a generator on teacher features (read-out 6)"
+    )
     args = ap.parse_args(argv)
     if args.train_trials < 1:
         raise SystemExit(f"--train-trials must be at least 1, found {args.train_trials}")
@@ -185,10 +221,27 @@ def main(argv: list[str] | None = None) -> None:
         k: scored(decode_given_scales(backend, torch.from_numpy(test_vox), args.subject, demo, truth[:k]))
         for k in range(1, len(truth))
     }
+    if args.clean_condition:
+        settings = run_settings(args.run / "model.safetensors")
+        _, levels, _ = teacher_targets(models.cfg, settings.seed, images, data.captions())
+        with tempfile.TemporaryDirectory() as tmp:
+            clean_models = clean_condition_generator(models, data, settings, levels, args.subject, Path(tmp))
+        clean_backend = TorchBackend(clean_models)
+        test_levels = EncoderOutput.from_levels(levels[test_img], torch.empty(0))
+        null = clean_backend.encode(torch.zeros(1, test_vox.shape[1]), args.subject)
+        from_stimuli = decode_features(clean_backend, test_levels.pooled_BD, test_levels.context_BSD(), demo, null)
+        from_scans = reconstruct(clean_backend, torch.from_numpy(test_vox), args.subject, demo)
+        report["clean_condition"] = {
+            "stage2_steps": settings.stage2_steps,
+            "the test stimuli's teacher features": scored(from_stimuli.images_NS3HW[:, 0]),
+            "measured scans": scored(from_scans.images_NS3HW[:, 0]),
+        }
     report["seconds"] = round(time.perf_counter() - t_start, 1)
     report["machine"] = f"{platform.machine()} CPU, torch {torch.__version__}"
-    report["command"] = f"python benchmarks/demo_diagnosis.py --run {args.run}" + (
-        f" --name {args.name}" if args.name else ""
+    report["command"] = (
+        f"python benchmarks/demo_diagnosis.py --run {args.run}"
+        + (f" --name {args.name}" if args.name else "")
+        + (" --clean-condition" if args.clean_condition else "")
     )
 
     args.results.mkdir(parents=True, exist_ok=True)
@@ -231,6 +284,10 @@ def markdown(r: dict) -> str:
     for k, scores in r["given_scales"].items():
         given = f"scales 1-{k}" if int(k) > 1 else "scale 1"
         lines.append(row(f"probe on reconstructions, the stimulus' own tokens for {given}", scores))
+    clean = r.get("clean_condition", {})
+    for label, scores in clean.items():
+        if label != "stage2_steps":
+            lines.append(row(f"probe on reconstructions by a generator trained on teacher features: {label}", scores))
     lines += [
         "",
         "Ridge read-outs are fitted on single training trials and applied to the test scans (repeats averaged). The",

@@ -85,6 +85,23 @@ def test_given_scales_decode_is_the_round_trip_with_all_and_the_decode_loop_with
     assert not torch.equal(partly, drawn) and not torch.equal(partly, round_trip)
 
 
+def test_clean_condition_refuses_a_checkpoint_without_demo_settings(tmp_path) -> None:
+    from mindhier_rt.config import preset
+    from mindhier_rt.models.mindhier import MindHier
+
+    diagnosis = load("demo_diagnosis")
+    path = tmp_path / "model.safetensors"
+    MindHier.from_config(preset("tiny"), seed=0).save(path)
+    with pytest.raises(SystemExit, match="records no demo settings"):
+        diagnosis.run_settings(path)
+    MindHier.from_config(preset("tiny"), seed=0).save(path, extra={"demo": {"seed": 3, "not_a_setting": 1}})
+    with pytest.raises(SystemExit, match="records no demo settings"):
+        diagnosis.run_settings(path)
+    MindHier.from_config(preset("tiny"), seed=0).save(path, extra={"demo": {"seed": 3, "stage2_steps": 7}})
+    settings = diagnosis.run_settings(path)
+    assert (settings.seed, settings.stage2_steps) == (3, 7)
+
+
 @pytest.mark.slow
 def test_diagnosis_runs_on_a_tiny_demo_folder(tmp_path) -> None:
     from mindhier_rt.demo import DemoSettings, run_demo
@@ -93,8 +110,14 @@ def test_diagnosis_runs_on_a_tiny_demo_folder(tmp_path) -> None:
                             probe_images=64, probe_steps=2, batch_size=8)  # fmt: skip
     run_demo(tmp_path / "demo", settings, progress=False)
     diagnosis = load("demo_diagnosis")
-    diagnosis.main(["--run", str(tmp_path / "demo"), "--train-trials", "40", "--results", str(tmp_path / "results")])
+    diagnosis.main(["--run", str(tmp_path / "demo"), "--train-trials", "40", "--results", str(tmp_path / "results"),
+                    "--clean-condition"])  # fmt: skip
     report = json.loads((tmp_path / "results" / "demo_diagnosis_seed0.json").read_text())
+    clean = report["clean_condition"]
+    assert clean["stage2_steps"] == 2 and set(clean) == {
+        "stage2_steps", "the test stimuli's teacher features", "measured scans"
+    }  # fmt: skip
+    assert "--clean-condition" in report["command"]
     assert set(report["voxels"]) == set(report["encoder"]) == {"category", "colour", "position", "size"}
     assert "noise-free scans, demo sampling" in report["decode"] and report["n_test"] == 6
     assert sorted(map(int, report["given_scales"])) == list(range(1, 6))  # the demo preset has 6 scales

@@ -103,6 +103,33 @@ def test_each_stage_lowers_its_loss(small_set, tmp_path):
     assert len(log_lines) == 25 and json.loads(log_lines[-1])["step"] == 25
 
 
+def test_stage2_trains_on_given_conditions_in_place_of_the_encoder_s(small_set, tmp_path):
+    """``conditions`` equal to the encoder's outputs train exactly what the encoder would; other conditions (the
+    teacher's features of the images) train other weights; a condition count that is not one per trial is refused."""
+    from mindhier_rt.models.encoder import EncoderOutput
+    from mindhier_rt.train.stages import encode_all
+
+    cfg, images, trials = small_set
+    tcfg = TrainConfig(steps=3, batch_size=8, lr=3e-3, seed=0, log_every=1)
+
+    def trained(name: str, conditions=None) -> dict[str, torch.Tensor]:
+        models = MindHier.from_config(cfg, seed=0)
+        train_stage2(models, trials, images, tcfg, tmp_path / name, progress=False, conditions=conditions)
+        return models.generator.state_dict()
+
+    reference = MindHier.from_config(cfg, seed=0)
+    encoded = [encode_all(reference, ts) for ts in trials]
+    levels = RandomViTTeacher(cfg).image_levels(images)
+    features = [EncoderOutput.from_levels(levels[ts.image_index_n], torch.empty(0)) for ts in trials]
+    plain, same, other = trained("plain"), trained("same", encoded), trained("teacher", [
+        (f.pooled_BD, f.context_BSD()) for f in features
+    ])  # fmt: skip
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    assert not all(torch.equal(plain[k], other[k]) for k in plain)
+    with pytest.raises(ValueError, match="one condition per trial"):
+        trained("short", [(p[:-1], c[:-1]) for p, c in encoded])
+
+
 def test_resume_gives_the_same_weights(small_set, tmp_path, monkeypatch):
     import mindhier_rt.train.loop as loop
 

@@ -210,11 +210,16 @@ def train_stage2(
     dist: DistContext | None = None,
     fsdp: bool = False,
     grad_checkpoint: bool = False,
+    conditions: list[tuple[Tensor, Tensor]] | None = None,
 ) -> list[dict]:
     """Frozen encoder and VQ-VAE; next-scale cross-entropy on the image's token pyramid.
 
     With probability ``cond_drop`` a row's condition is replaced by the encoder's output for all-zero
     voxels: the null condition that classifier-free guidance uses at decode time.
+
+    ``conditions`` (one (pooled [n, D], deep-first context [n, S, D]) per trial set, on the CPU) replace the
+    encoder's outputs for the trials, e.g. the teacher's own features of the images (``demo_diagnosis.py``); the
+    null condition stays the encoding of all-zero voxels.
 
     Under torchrun the generator is sharded with FSDP (``fsdp``; gathered weights in the AMP dtype) or replicated
     with DDP; after training ``models.generator`` is a plain module with the full weights on every rank.
@@ -230,7 +235,9 @@ def train_stage2(
     for m in homes:
         m.to(dev)
     idx_NL, x_NLE = tokenize_images(models, images_N3HW)
-    encoded = [encode_all(models, ts) for ts in trials]
+    if conditions is not None and [len(c[0]) for c in conditions] != [len(ts.image_index_n) for ts in trials]:
+        raise ValueError("expected one condition per trial of every trial set")
+    encoded = conditions if conditions is not None else [encode_all(models, ts) for ts in trials]
     nulls = [
         encode_all(models, TrialSet(ts.subject, models.encoder.null_voxels(ts.subject, 1), torch.zeros(1)))
         for ts in trials
@@ -246,7 +253,7 @@ def train_stage2(
         rng = batch_rng(tcfg.seed, step)
         s = step % len(trials)
         ts, (pooled_nD, context_nSD), (null_pooled, null_context) = trials[s], encoded[s], nulls[s]
-        b = _pick(rng, len(ts.voxels_nV), tcfg.batch_size)  # the global batch and its draws: the same on every rank
+        b = _pick(rng, len(ts.image_index_n), tcfg.batch_size)  # the global batch and its draws: the same on every rank
         drop = torch.from_numpy(rng.random(len(b)) < cond_drop)
         b, drop = ctx.shard(b), ctx.shard(drop)
         img = ts.image_index_n[b]

@@ -47,6 +47,11 @@ class EncoderOutput:
     pooled_BD: Tensor  # mean of e_M over its T tokens
     single_feature: bool = False  # ablation: every context segment holds the terminal level e_M
 
+    @classmethod
+    def from_levels(cls, levels_BMTD: Tensor, text_BtD: Tensor, single_feature: bool = False) -> EncoderOutput:
+        """The output whose levels are ``levels_BMTD`` (shallow first): pooled is the mean of e_M over its tokens."""
+        return cls(levels_BMTD, text_BtD, levels_BMTD[:, -1].mean(dim=1), single_feature)
+
     def context_BSD(self) -> Tensor:
         """Deep-first concatenation [e_M, ..., e_1] -> [B, M*T, D]: the generator's cross-attention context.
 
@@ -216,10 +221,4 @@ class HierarchicalEncoder(nn.Module):
             t_BtD = layer(t_BtD, tokens_BND)
         text_BtD = self.text_proj(self.text_norm(t_BtD))
 
-        pooled_BD = levels_BMTD[:, -1].mean(dim=1)
-        return EncoderOutput(
-            levels_BMTD=levels_BMTD,
-            text_BtD=text_BtD,
-            pooled_BD=pooled_BD,
-            single_feature=self.cfg.conditioning == "single",
-        )
+        return EncoderOutput.from_levels(levels_BMTD, text_BtD, single_feature=self.cfg.conditioning == "single")
