@@ -235,8 +235,10 @@ def train_stage2(
     for m in homes:
         m.to(dev)
     idx_NL, x_NLE = tokenize_images(models, images_N3HW)
-    if conditions is not None and [len(c[0]) for c in conditions] != [len(ts.image_index_n) for ts in trials]:
-        raise ValueError("expected one condition per trial of every trial set")
+    if conditions is not None and [(len(p), len(c)) for p, c in conditions] != [
+        (len(ts.image_index_n),) * 2 for ts in trials
+    ]:
+        raise ValueError("expected one condition (pooled and context) per trial of every trial set")
     encoded = conditions if conditions is not None else [encode_all(models, ts) for ts in trials]
     nulls = [
         encode_all(models, TrialSet(ts.subject, models.encoder.null_voxels(ts.subject, 1), torch.zeros(1)))
