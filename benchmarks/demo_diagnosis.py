@@ -127,12 +127,20 @@ def clean_condition_generator(models: MindHier, data: BrainDataset, settings: De
 
 
 def run_settings(checkpoint: Path) -> DemoSettings:
-    """The demo settings a checkpoint was trained with (its header's ``demo`` record); SystemExit if it has none."""
+    """The demo settings a checkpoint was trained with (its header's ``demo`` record), each of the type of its
+    default; SystemExit if it has none or a value of another type."""
     found = read_checkpoint_header(checkpoint).extra.get("demo")
     try:
-        return DemoSettings(**found)
+        settings = DemoSettings(**found)
     except TypeError:
         raise SystemExit(f"--clean-condition: {checkpoint} records no demo settings (not a demo run)") from None
+    default = DemoSettings()
+    for name, value in found.items():
+        kind = type(getattr(default, name))
+        allowed = (int, float) if kind is float else kind
+        if (isinstance(value, bool) and kind is not bool) or not isinstance(value, allowed):
+            raise SystemExit(f"--clean-condition: {checkpoint} records {name}={value!r}, not a {kind.__name__}")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     if data.kind != "synthetic" or attrs is None or not isinstance(seed, int):
         raise SystemExit(f"{args.run / 'data'} is not a synthetic set with its seed: it knows no object attributes")
     models = MindHier.load(args.run / "model.safetensors").eval()
+    if args.clean_condition:  # checked before minutes of read-outs
+        settings = run_settings(args.run / "model.safetensors")
+        if settings.seed != seed:
+            raise SystemExit(f"--clean-condition: the checkpoint's demo seed {settings.seed} is not its data's {seed}")
     images = torch.from_numpy(data.images())
     labels = attribute_labels(attrs)
     test_vox, test_img = data.split(args.subject, "test")
@@ -222,7 +234,6 @@ def main(argv: list[str] | None = None) -> None:
         for k in range(1, len(truth))
     }
     if args.clean_condition:
-        settings = run_settings(args.run / "model.safetensors")
         _, levels, _ = teacher_targets(models.cfg, settings.seed, images, data.captions())
         with tempfile.TemporaryDirectory() as tmp:
             clean_models = clean_condition_generator(models, data, settings, levels, args.subject, Path(tmp))

@@ -97,9 +97,20 @@ def test_clean_condition_refuses_a_checkpoint_without_demo_settings(tmp_path) ->
     MindHier.from_config(preset("tiny"), seed=0).save(path, extra={"demo": {"seed": 3, "not_a_setting": 1}})
     with pytest.raises(SystemExit, match="records no demo settings"):
         diagnosis.run_settings(path)
+    MindHier.from_config(preset("tiny"), seed=0).save(path, extra={"demo": {"seed": 3, "stage2_steps": "7"}})
+    with pytest.raises(SystemExit, match="stage2_steps='7', not a int"):
+        diagnosis.run_settings(path)
     MindHier.from_config(preset("tiny"), seed=0).save(path, extra={"demo": {"seed": 3, "stage2_steps": 7}})
     settings = diagnosis.run_settings(path)
     assert (settings.seed, settings.stage2_steps) == (3, 7)
+
+    # a run folder whose checkpoint was trained for another seed than its data is refused before any read-out
+    synthetic = make_synthetic([("subj01", 20)], n_train=20, n_test=2, repeats=1, size=16, seed=1)
+    write_dataset(synthetic, tmp_path / "run" / "data")
+    path.rename(tmp_path / "run" / "model.safetensors")
+    with pytest.raises(SystemExit, match="demo seed 3 is not its data's 1"):
+        diagnosis.main(["--run", str(tmp_path / "run"), "--results", str(tmp_path / "results"), "--clean-condition"])
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.slow

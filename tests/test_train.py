@@ -130,6 +130,8 @@ def test_stage2_trains_on_given_conditions_in_place_of_the_encoder_s(small_set, 
         trained("short", [(p[:-1], c[:-1]) for p, c in encoded])
     with pytest.raises(ValueError, match="one condition"):
         trained("short context", [(p, c[:-1]) for p, c in encoded])
+    with pytest.raises(ValueError, match="one condition"):  # the context's width is not the generator's
+        trained("narrow context", [(p, c[..., :-1]) for p, c in encoded])
 
 
 def test_resume_gives_the_same_weights(small_set, tmp_path, monkeypatch):

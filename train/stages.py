@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mindhier_rt.config import ModelConfig
 from mindhier_rt.models.generator import ScaleGenerator
 from mindhier_rt.models.mindhier import MindHier
 from mindhier_rt.train.distributed import DistContext, gathered_copy
@@ -198,6 +199,16 @@ def tokenize_images(models: MindHier, images_N3HW: Tensor, batch: int = 256) -> 
     return torch.cat(idx), torch.cat(inputs)
 
 
+def _check_conditions(conditions: list[tuple[Tensor, Tensor]], trials: list[TrialSet], cfg: ModelConfig) -> None:
+    """One (pooled [n, D], context [n, S, D]) per trial set, n its trial count, S and D the generator's context."""
+    S, D = cfg.schedule.context_length, cfg.context_dim
+    want = [((len(ts.image_index_n), D), (len(ts.image_index_n), S, D)) for ts in trials]
+    found = [(tuple(p.shape), tuple(c.shape)) for p, c in conditions]
+    if found != want:
+        raise ValueError(f"expected one condition (pooled, context) per trial of every trial set, shapes {want}; "
+                         f"found {found}")  # fmt: skip
+
+
 def train_stage2(
     models: MindHier,
     trials: list[TrialSet],
@@ -226,6 +237,8 @@ def train_stage2(
     ``grad_checkpoint`` recomputes each block in the backward pass instead of keeping its activations.
     The frozen models run once, up front, on the training device and go back to where they were.
     """
+    if conditions is not None:
+        _check_conditions(conditions, trials, models.cfg)  # before any model moves or any image is tokenised
     ctx = dist or DistContext()
     dev = ctx.device
     gen = models.generator
@@ -235,10 +248,6 @@ def train_stage2(
     for m in homes:
         m.to(dev)
     idx_NL, x_NLE = tokenize_images(models, images_N3HW)
-    if conditions is not None and [(len(p), len(c)) for p, c in conditions] != [
-        (len(ts.image_index_n),) * 2 for ts in trials
-    ]:
-        raise ValueError("expected one condition (pooled and context) per trial of every trial set")
     encoded = conditions if conditions is not None else [encode_all(models, ts) for ts in trials]
     nulls = [
         encode_all(models, TrialSet(ts.subject, models.encoder.null_voxels(ts.subject, 1), torch.zeros(1)))
